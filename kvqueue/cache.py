@@ -1,0 +1,250 @@
+"""The block cache of one simulated GPU: reference counting, lazy LRU eviction, events.
+
+Invariants:
+- at most `num_blocks` slots are used: cached blocks plus anonymous (unhashed) blocks;
+- a block with ``ref_count > 0`` is never evicted and is never a live entry of the heap;
+- a block whose ``ref_count`` drops to 0 stays cached (evictable) until a slot is needed;
+  a later hit revives it;
+- eviction order is the smallest ``(last_used, -depth, block_hash)``: least recently released
+  first, and among blocks released together the deepest first. A request releases its blocks
+  together, and a child is only ever used together with its parent, so a parent is never
+  evicted before its descendants: each worker's cache stays *prefix-closed* (no stranded
+  children), which the router's index relies on;
+- every change is reported as an event (`take_events`); replaying them reproduces
+  `cached_hashes()` exactly.
+
+`last_used` is a logical clock that ticks once per release, so runs are deterministic.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kvqueue.errors import CacheFullError, ConfigError, RequestRejected
+from kvqueue.events import AllBlocksCleared, BlocksRemoved, BlocksStored, CacheEvent
+from kvqueue.hashing import BlockHash
+
+
+@dataclass(slots=True)
+class CachedBlock:
+    block_hash: BlockHash
+    depth: int
+    ref_count: int = 0
+    last_used: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    """Blocks pinned for one request until `BlockCache.release`."""
+
+    block_hashes: tuple[BlockHash, ...]
+    num_hit_blocks: int
+    num_anonymous_blocks: int
+    num_evicted: int
+
+    @property
+    def num_blocks_to_compute(self) -> int:
+        return len(self.block_hashes) - self.num_hit_blocks
+
+
+@dataclass(slots=True)
+class CacheStats:
+    num_queried_blocks: int = 0
+    num_hit_blocks: int = 0
+    num_evictions: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.num_hit_blocks / self.num_queried_blocks if self.num_queried_blocks else 0.0
+
+
+class BlockCache:
+    """A paged KV cache of `num_blocks` slots holding chained-hash blocks."""
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks <= 0:
+            raise ConfigError(f"num_blocks must be positive, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.stats = CacheStats()
+        self._blocks: dict[BlockHash, CachedBlock] = {}
+        self._evictable_heap: list[tuple[int, int, BlockHash]] = []
+        self._num_evictable = 0
+        self._num_anonymous = 0
+        self._clock = 0
+        self._events: list[CacheEvent] = []
+
+    # -- queries -------------------------------------------------------------------------
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._blocks)
+
+    @property
+    def num_used_slots(self) -> int:
+        return len(self._blocks) + self._num_anonymous
+
+    @property
+    def num_free_slots(self) -> int:
+        return self.num_blocks - self.num_used_slots
+
+    @property
+    def num_evictable_blocks(self) -> int:
+        return self._num_evictable
+
+    @property
+    def num_active_blocks(self) -> int:
+        """Slots held by running requests (cached blocks with ref_count > 0, and anonymous)."""
+        return self.num_used_slots - self._num_evictable
+
+    def cached_hashes(self) -> set[BlockHash]:
+        return set(self._blocks)
+
+    def ref_count(self, block_hash: BlockHash) -> int:
+        block = self._blocks.get(block_hash)
+        return block.ref_count if block else 0
+
+    def lookup(self, block_hashes: Sequence[BlockHash]) -> int:
+        """Length of the leading run of `block_hashes` that is cached. Changes nothing."""
+        for i, block_hash in enumerate(block_hashes):
+            if block_hash not in self._blocks:
+                return i
+        return len(block_hashes)
+
+    def check_fits(self, num_hashed_blocks: int, num_anonymous_blocks: int = 0) -> None:
+        """Raise `RequestRejected` if the request could never fit, even in an empty cache."""
+        needed = num_hashed_blocks + num_anonymous_blocks
+        if needed > self.num_blocks:
+            raise RequestRejected(
+                f"request needs {needed:,} KV blocks; the cache holds {self.num_blocks:,}"
+            )
+
+    # -- mutations -----------------------------------------------------------------------
+    def allocate(
+        self, block_hashes: Sequence[BlockHash], num_anonymous_blocks: int = 0
+    ) -> Allocation:
+        """Pin the request's blocks: hits are the leading cached run; the rest is computed.
+
+        Blocks after the first miss are recomputed even if some of them happen to be cached
+        ("recompute from first missing block"); a recomputed block that is still cached is
+        pinned rather than stored twice. Raises `RequestRejected` if the request can never
+        fit and `CacheFullError` if it does not fit now (running requests pin too much);
+        in both cases nothing changes.
+        """
+        hashes = tuple(block_hashes)
+        self.check_fits(len(hashes), num_anonymous_blocks)
+        num_hits = self.lookup(hashes)
+        self._check_room(hashes, num_anonymous_blocks)
+
+        for block_hash in hashes[:num_hits]:
+            self._pin(self._blocks[block_hash])
+        evicted: list[BlockHash] = []
+        stored_runs: list[BlocksStored] = []
+        run: list[BlockHash] = []
+        for depth in range(num_hits, len(hashes)):
+            block_hash = hashes[depth]
+            existing = self._blocks.get(block_hash)
+            if existing is not None:  # cached beyond the first miss: recomputed, not stored twice
+                self._pin(existing)
+                stored_runs += _stored_run(run, hashes, depth)
+                run = []
+                continue
+            if self.num_free_slots == 0:
+                evicted.append(self._evict_one())
+            self._blocks[block_hash] = CachedBlock(block_hash, depth, ref_count=1)
+            run.append(block_hash)
+        stored_runs += _stored_run(run, hashes, len(hashes))
+        for _ in range(num_anonymous_blocks):
+            if self.num_free_slots == 0:
+                evicted.append(self._evict_one())
+            self._num_anonymous += 1
+        # Evicted hashes are never among the stored ones, so reporting the removals first
+        # replays to the same set of cached hashes.
+        if evicted:
+            self._events.append(BlocksRemoved(tuple(evicted)))
+        self._events.extend(stored_runs)
+
+        self.stats.num_queried_blocks += len(hashes)
+        self.stats.num_hit_blocks += num_hits
+        self.stats.num_evictions += len(evicted)
+        return Allocation(hashes, num_hits, num_anonymous_blocks, len(evicted))
+
+    def release(self, allocation: Allocation) -> None:
+        """Unpin a request's blocks, tail first; blocks reaching ref_count 0 become evictable."""
+        self._clock += 1
+        for block_hash in reversed(allocation.block_hashes):
+            block = self._blocks.get(block_hash)
+            assert block is not None and block.ref_count > 0, "release of an unpinned block"
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                block.last_used = self._clock
+                heapq.heappush(self._evictable_heap, (self._clock, -block.depth, block_hash))
+                self._num_evictable += 1
+        self._num_anonymous -= allocation.num_anonymous_blocks
+        assert self._num_anonymous >= 0
+        if len(self._evictable_heap) > 4 * self.num_blocks:
+            self._compact_heap()
+
+    def clear(self) -> None:
+        """Drop every block (a restarted GPU). Only valid while no request is running."""
+        if self.num_active_blocks:
+            raise CacheFullError(f"cannot clear: {self.num_active_blocks} blocks are in use")
+        self._blocks.clear()
+        self._evictable_heap.clear()
+        self._num_evictable = 0
+        self._events.append(AllBlocksCleared())
+
+    def take_events(self) -> list[CacheEvent]:
+        """Return and forget the events since the last call, oldest first."""
+        events, self._events = self._events, []
+        return events
+
+    # -- internals -----------------------------------------------------------------------
+    def _pin(self, block: CachedBlock) -> None:
+        if block.ref_count == 0:
+            self._num_evictable -= 1  # its heap entry is now stale
+        block.ref_count += 1
+
+    def _check_room(self, hashes: tuple[BlockHash, ...], num_anonymous: int) -> None:
+        num_new = 0
+        num_revived = 0
+        for block_hash in hashes:
+            block = self._blocks.get(block_hash)
+            if block is None:
+                num_new += 1
+            elif block.ref_count == 0:
+                num_revived += 1
+        available = self.num_free_slots + self._num_evictable - num_revived
+        needed = num_new + num_anonymous
+        if needed > available:
+            raise CacheFullError(
+                f"request needs {needed:,} new KV blocks; only {available:,} are free or "
+                f"evictable ({self.num_active_blocks:,} of {self.num_blocks:,} in use)"
+            )
+
+    def _evict_one(self) -> BlockHash:
+        while self._evictable_heap:
+            last_used, _, block_hash = heapq.heappop(self._evictable_heap)
+            block = self._blocks.get(block_hash)
+            if block is None or block.ref_count > 0 or block.last_used != last_used:
+                continue  # stale entry: evicted already, revived, or re-released later
+            del self._blocks[block_hash]
+            self._num_evictable -= 1
+            return block_hash
+        raise CacheFullError("no evictable block left")  # _check_room rules this out
+
+    def _compact_heap(self) -> None:
+        self._evictable_heap = [
+            (b.last_used, -b.depth, b.block_hash) for b in self._blocks.values() if b.ref_count == 0
+        ]
+        heapq.heapify(self._evictable_heap)
+
+
+def _stored_run(
+    run: list[BlockHash], hashes: tuple[BlockHash, ...], end: int
+) -> list[BlocksStored]:
+    """The stored event for a run of new blocks ending just before position `end`."""
+    if not run:
+        return []
+    start = end - len(run)
+    return [BlocksStored(tuple(run), hashes[start - 1] if start > 0 else None)]

@@ -1,0 +1,118 @@
+"""Settings: one frozen dataclass, defaults in one place, read from the environment.
+
+| variable            | field              | default                         |
+|---------------------|--------------------|---------------------------------|
+| REDIS_URL           | redis_url          | redis://127.0.0.1:6379/0        |
+| KVQ_PREFIX          | key_prefix         | kvq:                            |
+| ROUTING_STRATEGY    | strategy           | cache_aware                     |
+| KVQ_TIME_SCALE      | time_scale         | 1.0                             |
+| KVQ_PRESET          | preset             | llama-2-13b@a100-40gb           |
+| KVQ_NUM_BLOCKS      | num_blocks         | (derived from the preset)       |
+| KVQ_MAX_CONTEXT     | max_context_tokens | (the model's)                   |
+| KVQ_HASH_SEED       | hash_seed          | kvqueue                         |
+| KVQ_TOKENIZER       | tokenizer          | (the offline default)           |
+| KVQ_DECODE_MODEL    | decode_model       | (none: request length/fallback) |
+| KVQ_HEARTBEAT_TTL   | heartbeat_ttl_s    | 15                              |
+| KVQ_PENDING_TTL     | pending_ttl_s      | 30                              |
+| KVQ_PREFILL_BASE_MS | prefill_base_ms    | 5.0                             |
+| KVQ_PREFILL_BLOCK_MS| prefill_per_block_ms | 2.5                           |
+| KVQ_DECODE_TOKEN_MS | decode_per_token_ms  | 15.0                          |
+
+CLI flags override these by passing keyword arguments to `Settings.from_env(**overrides)`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from kvqueue.errors import ConfigError
+from kvqueue.latency import LatencyModel
+from kvqueue.presets import DEFAULT_PRESET, Preset, get_preset
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+ENV_TO_FIELD = {
+    "REDIS_URL": "redis_url",
+    "KVQ_PREFIX": "key_prefix",
+    "ROUTING_STRATEGY": "strategy",
+    "KVQ_TIME_SCALE": "time_scale",
+    "KVQ_PRESET": "preset",
+    "KVQ_NUM_BLOCKS": "num_blocks",
+    "KVQ_MAX_CONTEXT": "max_context_tokens",
+    "KVQ_HASH_SEED": "hash_seed",
+    "KVQ_TOKENIZER": "tokenizer",
+    "KVQ_DECODE_MODEL": "decode_model",
+    "KVQ_HEARTBEAT_TTL": "heartbeat_ttl_s",
+    "KVQ_PENDING_TTL": "pending_ttl_s",
+    "KVQ_PREFILL_BASE_MS": "prefill_base_ms",
+    "KVQ_PREFILL_BLOCK_MS": "prefill_per_block_ms",
+    "KVQ_DECODE_TOKEN_MS": "decode_per_token_ms",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    redis_url: str = DEFAULT_REDIS_URL
+    key_prefix: str = "kvq:"
+    strategy: str = "cache_aware"
+    time_scale: float = 1.0
+    preset: str = DEFAULT_PRESET
+    num_blocks: int | None = None
+    max_context_tokens: int | None = None
+    hash_seed: str = "kvqueue"
+    tokenizer: str | None = None
+    decode_model: str | None = None
+    heartbeat_ttl_s: float = 15.0
+    pending_ttl_s: float = 30.0
+    prefill_base_ms: float = 5.0
+    prefill_per_block_ms: float = 2.5
+    decode_per_token_ms: float = 15.0
+
+    def __post_init__(self) -> None:
+        if not self.time_scale >= 0:
+            raise ConfigError(f"time_scale must be >= 0, got {self.time_scale}")
+        for name in ("heartbeat_ttl_s", "pending_ttl_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.key_prefix:
+            raise ConfigError("key_prefix must not be empty")
+        self.latency_model()  # validates the latency constants
+        self.gpu_preset()  # validates the preset and its overrides
+
+    def gpu_preset(self) -> Preset:
+        return get_preset(self.preset, self.num_blocks, self.max_context_tokens)
+
+    def latency_model(self) -> LatencyModel:
+        return LatencyModel(
+            self.prefill_base_ms, self.prefill_per_block_ms, self.decode_per_token_ms
+        )
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """Apply CLI flags; None means "not given" and keeps the current value."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if environ is None else environ
+        types = {f.name: f.type for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for var, name in ENV_TO_FIELD.items():
+            raw = env.get(var)
+            if raw is None or raw == "":
+                continue
+            values[name] = _parse(var, raw, str(types[name]))
+        return cls(**values).with_overrides(**overrides)
+
+
+def _parse(var: str, raw: str, type_name: str) -> Any:
+    try:
+        if type_name.startswith("float"):
+            return float(raw)
+        if type_name.startswith("int"):
+            return int(raw)
+    except ValueError:
+        raise ConfigError(f"{var}={raw!r} is not a number") from None
+    return raw

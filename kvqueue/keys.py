@@ -1,0 +1,82 @@
+"""Every Redis key kvqueue uses, built here and nowhere else: ``<prefix><kind>[:<id>]``.
+
+| key                          | type   | holds                                               |
+|------------------------------|--------|-----------------------------------------------------|
+| kvq:node:<hash hex>          | hash   | prefix-tree node: `parent`, `w:<worker>` = 1 when    |
+|                              |        | cached, `p:<worker>` = pending-until (ms epoch)     |
+| kvq:worker:<worker>:blocks   | set    | hashes a worker caches (for `cleared`)              |
+| kvq:workers                  | zset   | live workers, score = last heartbeat (ms epoch)     |
+| kvq:worker:<worker>:info     | hash   | a worker's preset, capacity and cache occupancy     |
+| kvq:load                     | hash   | outstanding requests per worker                     |
+| kvq:load:tokens              | hash   | outstanding prompt+output tokens per worker         |
+| kvq:rr                       | string | round-robin counter shared by every producer        |
+| kvq:events                   | stream | cache events, one entry per event                   |
+| kvq:results:<run id>         | stream | request results of one run                          |
+| kvq:run:<run id>             | hash   | a run's metadata (strategy, workload, counts)       |
+| worker-<i> (RQ)              | list   | the RQ queue of worker i (`rq:queue:worker-<i>`)     |
+"""
+
+from __future__ import annotations
+
+DEFAULT_PREFIX = "kvq:"
+
+
+def node(block_hash_hex: str, prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}node:{block_hash_hex}"
+
+
+def node_prefix(prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}node:"
+
+
+def worker_blocks(worker: str, prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}worker:{worker}:blocks"
+
+
+def worker_info(worker: str, prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}worker:{worker}:info"
+
+
+def workers(prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}workers"
+
+
+def load(prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}load"
+
+
+def load_tokens(prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}load:tokens"
+
+
+def round_robin(prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}rr"
+
+
+def events(prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}events"
+
+
+def results(run_id: str, prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}results:{run_id}"
+
+
+def run(run_id: str, prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}run:{run_id}"
+
+
+def stored_field(worker: str) -> str:
+    return f"w:{worker}"
+
+
+def pending_field(worker: str) -> str:
+    return f"p:{worker}"
+
+
+def queue_name(worker: str) -> str:
+    """RQ queue of a worker: the worker's own name (``worker-0``)."""
+    return worker
+
+
+def worker_name(index: int) -> str:
+    return f"worker-{index}"
