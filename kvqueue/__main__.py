@@ -1,0 +1,5 @@
+import sys
+
+from kvqueue.cli import main
+
+sys.exit(main())

@@ -1,0 +1,116 @@
+"""The prefix index: which worker caches which block, kept in step with the workers' events.
+
+One small interface (`PrefixIndex`) with two backends — `InMemoryIndex` (simulator, tests) and
+`RedisIndex` (the live pipeline: one Redis hash per block, one field per worker) — and one test
+suite run against both.
+
+Match semantics: a worker's match for a request is the length of the leading run of the
+request's block hashes that the worker holds (cached, or *pending*: routed there and not yet
+confirmed by a stored event, until a TTL runs out). It stops at the first block the worker
+lacks. Because every worker's cache is prefix-closed (see `kvqueue.cache`), the Redis backend
+finds that length by binary search over positions instead of walking every block.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
+
+from kvqueue.events import AllBlocksCleared, BlocksRemoved, BlocksStored, CacheEvent
+from kvqueue.hashing import BlockHash
+
+
+class PrefixIndex(Protocol):
+    def add(self, worker: str, block_hashes: Sequence[BlockHash]) -> None:
+        """`worker` now caches `block_hashes` (a chain, parent first)."""
+
+    def remove(self, worker: str, block_hashes: Sequence[BlockHash]) -> None:
+        """`worker` no longer caches `block_hashes`; absent entries are ignored."""
+
+    def clear(self, worker: str) -> None:
+        """`worker` caches nothing (its pending marks stay until stored or expired)."""
+
+    def mark_pending(self, worker: str, block_hashes: Sequence[BlockHash], ttl_ms: float) -> None:
+        """Count `block_hashes` as held by `worker` for `ttl_ms` or until stored."""
+
+    def match(self, block_hashes: Sequence[BlockHash]) -> dict[str, int]:
+        """{worker: leading blocks held} for every worker holding at least the first block."""
+
+    def cached_by(self, worker: str) -> set[BlockHash]:
+        """The blocks `worker` caches (confirmed only, not pending)."""
+
+
+def apply_events(index: PrefixIndex, worker: str, events: Iterable[CacheEvent]) -> None:
+    """Feed a worker's cache events into an index, in order."""
+    for event in events:
+        if isinstance(event, BlocksStored):
+            index.add(worker, event.block_hashes)
+        elif isinstance(event, BlocksRemoved):
+            index.remove(worker, event.block_hashes)
+        elif isinstance(event, AllBlocksCleared):
+            index.clear(worker)
+
+
+class InMemoryIndex:
+    """Dict-based index. `clock` returns milliseconds (virtual time in the simulator)."""
+
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        self._clock = clock or (lambda: time.monotonic() * 1000.0)
+        self._holders: dict[BlockHash, set[str]] = {}
+        self._pending: dict[BlockHash, dict[str, float]] = {}
+        self._worker_blocks: dict[str, set[BlockHash]] = {}
+
+    def add(self, worker: str, block_hashes: Sequence[BlockHash]) -> None:
+        owned = self._worker_blocks.setdefault(worker, set())
+        for block_hash in block_hashes:
+            self._holders.setdefault(block_hash, set()).add(worker)
+            owned.add(block_hash)
+            pending = self._pending.get(block_hash)
+            if pending is not None:
+                pending.pop(worker, None)
+                if not pending:
+                    del self._pending[block_hash]
+
+    def remove(self, worker: str, block_hashes: Sequence[BlockHash]) -> None:
+        owned = self._worker_blocks.get(worker, set())
+        for block_hash in block_hashes:
+            holders = self._holders.get(block_hash)
+            if holders is not None:
+                holders.discard(worker)
+                if not holders:
+                    del self._holders[block_hash]
+            owned.discard(block_hash)
+
+    def clear(self, worker: str) -> None:
+        # Pending marks stay: requests already routed to the worker will still store them.
+        self.remove(worker, list(self._worker_blocks.get(worker, ())))
+
+    def mark_pending(self, worker: str, block_hashes: Sequence[BlockHash], ttl_ms: float) -> None:
+        expires = self._clock() + ttl_ms
+        for block_hash in block_hashes:
+            if worker not in self._holders.get(block_hash, ()):
+                self._pending.setdefault(block_hash, {})[worker] = expires
+
+    def _holding(self, block_hash: BlockHash, now: float) -> set[str]:
+        holding = set(self._holders.get(block_hash, ()))
+        for worker, expires in self._pending.get(block_hash, {}).items():
+            if expires > now:
+                holding.add(worker)
+        return holding
+
+    def match(self, block_hashes: Sequence[BlockHash]) -> dict[str, int]:
+        now = self._clock()
+        matched: dict[str, int] = {}
+        alive: set[str] | None = None
+        for position, block_hash in enumerate(block_hashes):
+            holding = self._holding(block_hash, now)
+            alive = holding if alive is None else alive & holding
+            if not alive:
+                break
+            for worker in alive:
+                matched[worker] = position + 1
+        return matched
+
+    def cached_by(self, worker: str) -> set[BlockHash]:
+        return set(self._worker_blocks.get(worker, ()))

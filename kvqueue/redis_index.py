@@ -1,0 +1,142 @@
+"""The prefix index in Redis: one hash per block (`kvq:node:<hex>`), one field per worker.
+
+Node fields: ``parent`` (hex of the parent block, '' for a first block), ``w:<worker>`` = 1
+while the worker caches the block, ``p:<worker>`` = expiry (server ms) of a pending mark. A
+node with no worker field and no live pending mark is deleted. Each worker also has a set of
+its hashes (`kvq:worker:<w>:blocks`) so `cleared` can undo everything it announced.
+
+Writes accept an optional pipeline so that a worker can append its events to the event stream
+and update the tree in one MULTI/EXEC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import redis
+
+from kvqueue import keys, scripts
+from kvqueue.events import AllBlocksCleared, BlocksRemoved, BlocksStored, CacheEvent, encode_event
+from kvqueue.hashing import BlockHash, from_hex, to_hex
+
+EVENTS_STREAM_MAXLEN = 100_000
+
+
+class RedisIndex:
+    """`PrefixIndex` over Redis hashes. Holds no state but the connection and the prefix."""
+
+    def __init__(self, client: redis.Redis, prefix: str = keys.DEFAULT_PREFIX) -> None:
+        self.client = client
+        self.prefix = prefix
+        self._store = client.register_script(scripts.STORE)
+        self._remove = client.register_script(scripts.REMOVE)
+        self._clear = client.register_script(scripts.CLEAR)
+        self._mark_pending = client.register_script(scripts.MARK_PENDING)
+        self._route_view = client.register_script(scripts.ROUTE_VIEW)
+
+    # -- writes (each accepts a pipeline) ------------------------------------------------
+    def add(
+        self,
+        worker: str,
+        block_hashes: Sequence[BlockHash],
+        parent: BlockHash | None = None,
+        pipeline: Any = None,
+    ) -> None:
+        if not block_hashes:
+            return
+        self._store(
+            keys=[keys.worker_blocks(worker, self.prefix)],
+            args=[self.prefix, worker, parent.hex() if parent else "", *to_hex(block_hashes)],
+            client=pipeline or self.client,
+        )
+
+    def remove(self, worker: str, block_hashes: Sequence[BlockHash], pipeline: Any = None) -> None:
+        if not block_hashes:
+            return
+        self._remove(
+            keys=[keys.worker_blocks(worker, self.prefix)],
+            args=[self.prefix, worker, *to_hex(block_hashes)],
+            client=pipeline or self.client,
+        )
+
+    def clear(self, worker: str, pipeline: Any = None) -> None:
+        self._clear(
+            keys=[keys.worker_blocks(worker, self.prefix)],
+            args=[self.prefix, worker],
+            client=pipeline or self.client,
+        )
+
+    def mark_pending(
+        self, worker: str, block_hashes: Sequence[BlockHash], ttl_ms: float, pipeline: Any = None
+    ) -> None:
+        if not block_hashes:
+            return
+        self._mark_pending(
+            keys=[],
+            args=[self.prefix, worker, int(ttl_ms), *to_hex(block_hashes)],
+            client=pipeline or self.client,
+        )
+
+    def publish_events(
+        self, worker: str, events: Iterable[CacheEvent], pipeline: Any = None
+    ) -> None:
+        """Append each event to the event stream and apply it to the tree, atomically.
+
+        Without a pipeline this opens a MULTI/EXEC of its own.
+        """
+        pipe = pipeline if pipeline is not None else self.client.pipeline(transaction=True)
+        stream = keys.events(self.prefix)
+        for event in events:
+            pipe.xadd(
+                stream,
+                {"worker": worker, "event": encode_event(event)},
+                maxlen=EVENTS_STREAM_MAXLEN,
+                approximate=True,
+            )
+            if isinstance(event, BlocksStored):
+                self.add(worker, event.block_hashes, event.parent_hash, pipeline=pipe)
+            elif isinstance(event, BlocksRemoved):
+                self.remove(worker, event.block_hashes, pipeline=pipe)
+            elif isinstance(event, AllBlocksCleared):
+                self.clear(worker, pipeline=pipe)
+        if pipeline is None:
+            pipe.execute()
+
+    # -- reads ---------------------------------------------------------------------------
+    def route_view(
+        self,
+        block_hashes: Sequence[BlockHash],
+        heartbeat_ttl_ms: float,
+        state_keys: Sequence[str] = (),
+        take_ticket: bool = False,
+    ) -> tuple[dict[str, int], int, list[dict[str, str]]]:
+        """One round trip: ({live worker: match}, round-robin ticket, [state hash, ...])."""
+        reply = self._route_view(
+            keys=[keys.workers(self.prefix), keys.round_robin(self.prefix), *state_keys],
+            args=[
+                self.prefix,
+                int(heartbeat_ttl_ms),
+                "1" if take_ticket else "0",
+                *to_hex(block_hashes),
+            ],
+        )
+        live, lengths, ticket, *states = reply
+        matches = {_text(w): int(n) for w, n in zip(live, lengths, strict=True)}
+        decoded = [
+            {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)} for flat in states
+        ]
+        return matches, int(ticket), decoded
+
+    def match(self, block_hashes: Sequence[BlockHash]) -> dict[str, int]:
+        """Matches of every worker ever registered (liveness ignored), zeros dropped."""
+        matches, _, _ = self.route_view(block_hashes, heartbeat_ttl_ms=10**15)
+        return {w: n for w, n in matches.items() if n > 0}
+
+    def cached_by(self, worker: str) -> set[BlockHash]:
+        members = self.client.smembers(keys.worker_blocks(worker, self.prefix))
+        return set(from_hex(_text(m) for m in members))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

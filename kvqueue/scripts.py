@@ -1,0 +1,141 @@
+"""Lua scripts, registered once per connection (redis-py `register_script`).
+
+Hashes travel as hex strings. Times are Redis server time in milliseconds, so producers and
+workers on different machines agree on pending-mark expiry and heartbeat freshness.
+"""
+
+from __future__ import annotations
+
+_NOW_MS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+_DROP_IF_ORPHAN = """
+local function drop_if_orphan(node, now)
+  local fields = redis.call('HGETALL', node)
+  for i = 1, #fields, 2 do
+    local f = fields[i]
+    if string.sub(f, 1, 2) == 'w:' then return end
+    if string.sub(f, 1, 2) == 'p:' and tonumber(fields[i + 1]) > now then return end
+  end
+  redis.call('DEL', node)
+end
+"""
+
+STORE = """
+-- KEYS[1] = the worker's block set (kvq:worker:<w>:blocks)
+-- ARGV[1] = key prefix, ARGV[2] = worker, ARGV[3] = parent hash of the first block ('' if none)
+-- ARGV[4..] = stored block hashes, parent first
+local prefix, worker, parent = ARGV[1], ARGV[2], ARGV[3]
+local stored, pending = 'w:' .. worker, 'p:' .. worker
+for i = 4, #ARGV do
+  local node = prefix .. 'node:' .. ARGV[i]
+  redis.call('HSET', node, 'parent', parent, stored, '1')
+  redis.call('HDEL', node, pending)
+  redis.call('SADD', KEYS[1], ARGV[i])
+  parent = ARGV[i]
+end
+return #ARGV - 3
+"""
+
+REMOVE = (
+    """
+-- KEYS[1] = the worker's block set (kvq:worker:<w>:blocks)
+-- ARGV[1] = key prefix, ARGV[2] = worker, ARGV[3..] = removed block hashes
+"""
+    + _NOW_MS
+    + _DROP_IF_ORPHAN
+    + """
+local prefix, stored = ARGV[1], 'w:' .. ARGV[2]
+for i = 3, #ARGV do
+  local node = prefix .. 'node:' .. ARGV[i]
+  redis.call('HDEL', node, stored)
+  redis.call('SREM', KEYS[1], ARGV[i])
+  drop_if_orphan(node, now)
+end
+return #ARGV - 2
+"""
+)
+
+CLEAR = (
+    """
+-- KEYS[1] = the worker's block set (kvq:worker:<w>:blocks)
+-- ARGV[1] = key prefix, ARGV[2] = worker
+"""
+    + _NOW_MS
+    + _DROP_IF_ORPHAN
+    + """
+local prefix, stored = ARGV[1], 'w:' .. ARGV[2]
+local members = redis.call('SMEMBERS', KEYS[1])
+for _, h in ipairs(members) do
+  local node = prefix .. 'node:' .. h
+  redis.call('HDEL', node, stored)
+  drop_if_orphan(node, now)
+end
+redis.call('DEL', KEYS[1])
+return #members
+"""
+)
+
+MARK_PENDING = (
+    """
+-- ARGV[1] = key prefix, ARGV[2] = worker, ARGV[3] = TTL in ms, ARGV[4..] = block hashes
+"""
+    + _NOW_MS
+    + """
+local prefix, worker = ARGV[1], ARGV[2]
+local expires = now + tonumber(ARGV[3])
+for i = 4, #ARGV do
+  local node = prefix .. 'node:' .. ARGV[i]
+  if redis.call('HEXISTS', node, 'w:' .. worker) == 0 then
+    redis.call('HSET', node, 'p:' .. worker, expires)
+  end
+end
+return expires
+"""
+)
+
+ROUTE_VIEW = (
+    """
+-- The router's whole read in one round trip.
+-- KEYS[1] = live workers (zset: worker -> last heartbeat, ms)
+-- KEYS[2] = the shared round-robin counter (INCR'd when ARGV[3] == '1')
+-- KEYS[3..] = state hashes (field = worker), returned whole
+-- ARGV[1] = key prefix, ARGV[2] = heartbeat TTL in ms, ARGV[3] = '1' to take a ticket
+-- ARGV[4..] = the request's block hashes, in chain order
+-- Returns {live workers, their match lengths, ticket, state hash 1 (flat), state hash 2, ...}.
+-- A worker's match is found by binary search: caches are prefix-closed, so "holds block i"
+-- is monotone along the chain; each probe is one HMGET of the stored and pending fields.
+"""
+    + _NOW_MS
+    + """
+local prefix = ARGV[1]
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[2]), '+inf')
+local ticket = 0
+if ARGV[3] == '1' then ticket = redis.call('INCR', KEYS[2]) end
+local first, n = 4, #ARGV - 3
+local function holds(pos, worker)
+  local v = redis.call('HMGET', prefix .. 'node:' .. ARGV[first + pos - 1],
+                       'w:' .. worker, 'p:' .. worker)
+  if v[1] then return true end
+  return v[2] ~= false and tonumber(v[2]) > now
+end
+local matches = {}
+for i, worker in ipairs(live) do
+  local length = 0
+  if n > 0 and holds(1, worker) then
+    local lo, hi = 1, n
+    while lo < hi do
+      local mid = math.floor((lo + hi + 1) / 2)
+      if holds(mid, worker) then lo = mid else hi = mid - 1 end
+    end
+    length = lo
+  end
+  matches[i] = length
+end
+local out = {live, matches, ticket}
+for k = 3, #KEYS do out[#out + 1] = redis.call('HGETALL', KEYS[k]) end
+return out
+"""
+)
