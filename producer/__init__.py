@@ -1,0 +1,1 @@
+"""Entry point: `python producer/send.py ...` sends a workload through the live pipeline."""
