@@ -9,6 +9,10 @@
 | kvq:worker:<worker>:info     | hash   | a worker's preset, capacity and cache occupancy     |
 | kvq:load                     | hash   | outstanding requests per worker                     |
 | kvq:load:tokens              | hash   | outstanding prompt+output tokens per worker         |
+| kvq:load:work                | hash   | router's estimate of outstanding service ms/worker  |
+| kvq:usage                    | hash   | cache blocks in use per worker (last report)        |
+| kvq:capacity                 | hash   | cache capacity in blocks per worker                 |
+| kvq:stats:output             | hash   | `output_tokens`, `completed`: for the mean output   |
 | kvq:rr                       | string | round-robin counter shared by every producer        |
 | kvq:events                   | stream | cache events, one entry per event                   |
 | kvq:results:<run id>         | stream | request results of one run                          |
@@ -47,6 +51,22 @@ def load(prefix: str = DEFAULT_PREFIX) -> str:
 
 def load_tokens(prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}load:tokens"
+
+
+def load_work(prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}load:work"
+
+
+def usage(prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}usage"
+
+
+def capacity(prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}capacity"
+
+
+def output_stats(prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}stats:output"
 
 
 def round_robin(prefix: str = DEFAULT_PREFIX) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 from kvqueue.errors import ConfigError
@@ -19,10 +19,23 @@ from kvqueue.request import Request
 
 @dataclass(frozen=True, slots=True)
 class WorkerLoad:
-    """Outstanding (queued + running) work on one worker, as the router accounts it."""
+    """One worker as the router accounts it.
+
+    `requests`, `tokens` (prompt + declared output) and `work_ms` (the router's estimate of
+    their service time, see `kvqueue.router.estimate_service_ms`) cover outstanding work:
+    queued and running. `used_blocks`/`capacity_blocks` are the cache occupancy the worker
+    last reported (after its last request ended).
+    """
 
     requests: int = 0
     tokens: int = 0
+    work_ms: float = 0.0
+    used_blocks: int = 0
+    capacity_blocks: int = 0
+
+    @property
+    def kv_usage(self) -> float:
+        return self.used_blocks / self.capacity_blocks if self.capacity_blocks else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +46,7 @@ class RouterView:
     matched_blocks: Mapping[str, int]
     loads: Mapping[str, WorkerLoad]
     ticket: int = 0
-    extra: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    mean_output_tokens: float | None = None  # over completed requests so far; None before any
 
     def load(self, worker: str) -> WorkerLoad:
         return self.loads.get(worker, WorkerLoad())

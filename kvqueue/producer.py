@@ -61,6 +61,7 @@ class Producer:
         self.router = Router(
             RedisRouterState(client, self.prefix, settings.heartbeat_ttl_s, settings.pending_ttl_s),
             make_policy(self.strategy),
+            settings.latency_model(),
         )
         self._queues: dict[str, Queue] = {}
 
@@ -121,6 +122,7 @@ class Producer:
                 run_started_at=started,
                 load_tokens=decision.load_tokens,
                 time_scale=scale,
+                estimated_ms=decision.estimated_ms,
             )
             job_id = f"kvq-{self.run_id}-{position}"
             pipe = self.client.pipeline(transaction=True)

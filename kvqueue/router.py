@@ -20,6 +20,7 @@ from kvqueue import keys
 from kvqueue.errors import NoLiveWorkersError
 from kvqueue.events import CacheEvent
 from kvqueue.index import InMemoryIndex, apply_events
+from kvqueue.latency import LatencyModel
 from kvqueue.policies import Policy, RouterView, WorkerLoad, worker_order
 from kvqueue.redis_index import RedisIndex
 from kvqueue.request import Request
@@ -27,12 +28,18 @@ from kvqueue.request import Request
 START_WORKER_HINT = "start one with: rq worker -w workers.KVWorker worker-0"
 
 
+DEFAULT_OUTPUT_TOKENS_ESTIMATE = 128  # before any request has completed
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
+    """A routed request: where it goes and what it adds to that worker's load until it ends."""
+
     worker: str
     strategy: str
     matched_blocks: int
     load_tokens: int
+    estimated_ms: float = 0.0
 
 
 def load_tokens(request: Request) -> int:
@@ -40,18 +47,53 @@ def load_tokens(request: Request) -> int:
     return request.num_prompt_tokens + (request.max_tokens or 0)
 
 
+def expected_output_tokens(request: Request, view: RouterView) -> float:
+    """The request's declared `max_tokens`, else the mean output of completed requests so far.
+
+    Only what a real router sees: the request as sent and the responses that came back.
+    """
+    if request.max_tokens is not None:
+        return float(request.max_tokens)
+    if view.mean_output_tokens is not None:
+        return view.mean_output_tokens
+    return float(DEFAULT_OUTPUT_TOKENS_ESTIMATE)
+
+
+def estimate_service_ms(
+    request: Request, matched_blocks: int, view: RouterView, latency: LatencyModel
+) -> float:
+    """Prefill of the blocks the worker lacks plus decode of the expected output, in ms."""
+    blocks_to_compute = max(0, request.num_blocks - matched_blocks)
+    return latency.prefill_ms(blocks_to_compute) + latency.decode_per_token_ms * (
+        expected_output_tokens(request, view)
+    )
+
+
 class RouterState(Protocol):
     def view(self, request: Request, take_ticket: bool) -> RouterView: ...
 
     def commit(self, request: Request, decision: Decision, pipeline: Any = None) -> None: ...
 
-    def complete(self, worker: str, tokens: int, pipeline: Any = None) -> None: ...
+    def complete(
+        self,
+        worker: str,
+        tokens: int,
+        estimated_ms: float = 0.0,
+        used_blocks: int | None = None,
+        output_tokens: int | None = None,
+        pipeline: Any = None,
+    ) -> None:
+        """Release a finished request's load; record the cache occupancy and output length
+        the worker reports (None when the request produced none, e.g. rejected)."""
 
 
 class Router:
-    def __init__(self, state: RouterState, policy: Policy) -> None:
+    def __init__(
+        self, state: RouterState, policy: Policy, latency: LatencyModel | None = None
+    ) -> None:
         self.state = state
         self.policy = policy
+        self.latency = latency or LatencyModel()
 
     def route(self, request: Request) -> Decision:
         """Choose a worker. Raises `NoLiveWorkersError` when there is none."""
@@ -59,7 +101,14 @@ class Router:
         if not view.workers:
             raise NoLiveWorkersError(f"no live KV workers to route to; {START_WORKER_HINT}")
         worker = self.policy.choose(request, view)
-        return Decision(worker, self.policy.name, view.matched(worker), load_tokens(request))
+        matched = view.matched(worker)
+        return Decision(
+            worker,
+            self.policy.name,
+            matched,
+            load_tokens(request),
+            estimate_service_ms(request, matched, view, self.latency),
+        )
 
     def commit(self, request: Request, decision: Decision, pipeline: Any = None) -> None:
         self.state.commit(request, decision, pipeline)
@@ -82,18 +131,26 @@ class RedisRouterState:
         self.pending_ttl_ms = pending_ttl_s * 1000.0
 
     def view(self, request: Request, take_ticket: bool) -> RouterView:
-        matches, ticket, (requests, tokens) = self.index.route_view(
+        p = self.prefix
+        matches, ticket, (requests, tokens, work, used, capacity, stats) = self.index.route_view(
             request.block_hashes,
             self.heartbeat_ttl_ms,
-            [keys.load(self.prefix), keys.load_tokens(self.prefix)],
+            [keys.load(p), keys.load_tokens(p), keys.load_work(p), keys.usage(p),
+             keys.capacity(p), keys.output_stats(p)],
             take_ticket,
-        )
+        )  # fmt: skip
         workers = tuple(sorted(matches, key=worker_order))
         loads = {
-            w: WorkerLoad(max(0, int(requests.get(w, 0))), max(0, int(tokens.get(w, 0))))
+            w: WorkerLoad(
+                requests=max(0, int(requests.get(w, 0))),
+                tokens=max(0, int(tokens.get(w, 0))),
+                work_ms=max(0.0, float(work.get(w, 0.0))),
+                used_blocks=int(used.get(w, 0)),
+                capacity_blocks=int(capacity.get(w, 0)),
+            )
             for w in workers
         }
-        return RouterView(workers, matches, loads, ticket)
+        return RouterView(workers, matches, loads, ticket, _mean_output(stats))
 
     def commit(self, request: Request, decision: Decision, pipeline: Any = None) -> None:
         pipe = pipeline if pipeline is not None else self.client.pipeline(transaction=False)
@@ -101,15 +158,49 @@ class RedisRouterState:
         self.index.mark_pending(decision.worker, new_blocks, self.pending_ttl_ms, pipeline=pipe)
         pipe.hincrby(keys.load(self.prefix), decision.worker, 1)
         pipe.hincrby(keys.load_tokens(self.prefix), decision.worker, decision.load_tokens)
+        pipe.hincrbyfloat(keys.load_work(self.prefix), decision.worker, decision.estimated_ms)
         if pipeline is None:
             pipe.execute()
 
-    def complete(self, worker: str, tokens: int, pipeline: Any = None) -> None:
+    def complete(
+        self,
+        worker: str,
+        tokens: int,
+        estimated_ms: float = 0.0,
+        used_blocks: int | None = None,
+        output_tokens: int | None = None,
+        pipeline: Any = None,
+    ) -> None:
         pipe = pipeline if pipeline is not None else self.client.pipeline(transaction=False)
         pipe.hincrby(keys.load(self.prefix), worker, -1)
         pipe.hincrby(keys.load_tokens(self.prefix), worker, -tokens)
+        pipe.hincrbyfloat(keys.load_work(self.prefix), worker, -estimated_ms)
+        if used_blocks is not None:
+            pipe.hset(keys.usage(self.prefix), worker, used_blocks)
+        if output_tokens is not None:
+            pipe.hincrby(keys.output_stats(self.prefix), "output_tokens", output_tokens)
+            pipe.hincrby(keys.output_stats(self.prefix), "completed", 1)
         if pipeline is None:
             pipe.execute()
+
+    def register_capacity(self, worker: str, capacity_blocks: int, pipeline: Any = None) -> None:
+        """A worker (re)starting: empty cache of `capacity_blocks`, no outstanding load."""
+        pipe = pipeline if pipeline is not None else self.client.pipeline(transaction=False)
+        pipe.hset(keys.capacity(self.prefix), worker, capacity_blocks)
+        pipe.hset(keys.usage(self.prefix), worker, 0)
+        for key in (
+            keys.load(self.prefix),
+            keys.load_tokens(self.prefix),
+            keys.load_work(self.prefix),
+        ):
+            pipe.hdel(key, worker)
+        if pipeline is None:
+            pipe.execute()
+
+
+def _mean_output(stats: dict[str, str]) -> float | None:
+    completed = int(stats.get("completed", 0))
+    return int(stats.get("output_tokens", 0)) / completed if completed > 0 else None
 
 
 class InMemoryRouterState:
@@ -127,15 +218,34 @@ class InMemoryRouterState:
         self.pending_ttl_ms = pending_ttl_ms
         self.requests = dict.fromkeys(self.workers, 0)
         self.tokens = dict.fromkeys(self.workers, 0)
+        self.work_ms = dict.fromkeys(self.workers, 0.0)
+        self.used_blocks = dict.fromkeys(self.workers, 0)
+        self.capacity_blocks = dict.fromkeys(self.workers, 0)
+        self._output_tokens = 0
+        self._completed = 0
         self._ticket = 0
 
     def view(self, request: Request, take_ticket: bool) -> RouterView:
         if take_ticket:
             self._ticket += 1
         matches = self.index.match(request.block_hashes)
-        loads = {w: WorkerLoad(self.requests[w], self.tokens[w]) for w in self.workers}
+        loads = {
+            w: WorkerLoad(
+                self.requests[w],
+                self.tokens[w],
+                max(0.0, self.work_ms[w]),
+                self.used_blocks[w],
+                self.capacity_blocks[w],
+            )
+            for w in self.workers
+        }
+        mean_output = self._output_tokens / self._completed if self._completed else None
         return RouterView(
-            self.workers, {w: matches.get(w, 0) for w in self.workers}, loads, self._ticket
+            self.workers,
+            {w: matches.get(w, 0) for w in self.workers},
+            loads,
+            self._ticket,
+            mean_output,
         )
 
     def commit(self, request: Request, decision: Decision, pipeline: Any = None) -> None:
@@ -143,10 +253,29 @@ class InMemoryRouterState:
         self.index.mark_pending(decision.worker, new_blocks, self.pending_ttl_ms)
         self.requests[decision.worker] += 1
         self.tokens[decision.worker] += decision.load_tokens
+        self.work_ms[decision.worker] += decision.estimated_ms
 
-    def complete(self, worker: str, tokens: int, pipeline: Any = None) -> None:
+    def complete(
+        self,
+        worker: str,
+        tokens: int,
+        estimated_ms: float = 0.0,
+        used_blocks: int | None = None,
+        output_tokens: int | None = None,
+        pipeline: Any = None,
+    ) -> None:
         self.requests[worker] -= 1
         self.tokens[worker] -= tokens
+        self.work_ms[worker] -= estimated_ms
+        if used_blocks is not None:
+            self.used_blocks[worker] = used_blocks
+        if output_tokens is not None:
+            self._output_tokens += output_tokens
+            self._completed += 1
+
+    def register_capacity(self, worker: str, capacity_blocks: int, pipeline: Any = None) -> None:
+        self.capacity_blocks[worker] = capacity_blocks
+        self.used_blocks[worker] = 0
 
     def apply_events(self, worker: str, events: Sequence[CacheEvent]) -> None:
         apply_events(self.index, worker, events)

@@ -59,6 +59,7 @@ class JobContext:
     run_started_at: float  # epoch seconds, producer clock
     load_tokens: int
     time_scale: float
+    estimated_ms: float = 0.0  # the router's service estimate, released from the backlog at the end
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -69,6 +70,7 @@ class JobContext:
             "run_started_at": self.run_started_at,
             "load_tokens": self.load_tokens,
             "time_scale": self.time_scale,
+            "estimated_ms": self.estimated_ms,
         }
 
     @classmethod
@@ -81,6 +83,7 @@ class JobContext:
             run_started_at=float(data["run_started_at"]),
             load_tokens=int(data["load_tokens"]),
             time_scale=float(data["time_scale"]),
+            estimated_ms=float(data.get("estimated_ms", 0.0)),
         )
 
 
@@ -107,8 +110,7 @@ class GpuRuntime:
         self.gpu.cache.clear()
         pipe = self.client.pipeline(transaction=True)
         self.index.publish_events(self.name, self.gpu.take_events(), pipeline=pipe)
-        pipe.hdel(keys.load(self.prefix), self.name)
-        pipe.hdel(keys.load_tokens(self.prefix), self.name)
+        self.loads.register_capacity(self.name, self.gpu.cache.num_blocks, pipeline=pipe)
         self._write_info(pipe)
         pipe.zadd(keys.workers(self.prefix), {self.name: _now_ms()})
         pipe.execute()
@@ -203,7 +205,15 @@ class GpuRuntime:
             maxlen=RESULTS_STREAM_MAXLEN,
             approximate=True,
         )
-        self.loads.complete(self.name, context.load_tokens, pipeline=pipe)
+        completed = result.status is RequestStatus.COMPLETED
+        self.loads.complete(
+            self.name,
+            context.load_tokens,
+            context.estimated_ms,
+            used_blocks=self.gpu.cache.num_used_slots,
+            output_tokens=result.decode_tokens if completed else None,
+            pipeline=pipe,
+        )
         self._write_info(pipe)
         pipe.execute()
 
