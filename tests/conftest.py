@@ -1,0 +1,146 @@
+"""Shared fixtures: request and hash factories, a real Redis db, a fresh fakeredis.
+
+`redis_url` points at a real redis-server (env ``KVQ_TEST_REDIS_URL``, default
+``redis://127.0.0.1:6379/15``). It never skips: if that server does not answer, every test
+using it ERRORs with the URL and the reason, so a missing Redis cannot pass silently. The db
+is flushed before and after each test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import fakeredis
+import pytest
+import redis
+
+# The venv does not install kvqueue: make `pytest` test this checkout from any directory.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from kvqueue.hashing import (  # noqa: E402
+    BLOCK_SIZE,
+    DEFAULT_HASH_SEED,
+    BlockHash,
+    hash_token_blocks,
+)
+from kvqueue.request import Request  # noqa: E402
+
+DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
+
+
+def block_tokens(label: str) -> list[int]:
+    """16 token ids that depend only on `label`: the same label is the same block content."""
+    digest = hashlib.sha256(label.encode()).digest()
+    return [int.from_bytes(digest[2 * i : 2 * i + 2], "little") for i in range(BLOCK_SIZE)]
+
+
+def labelled_tokens(labels: Sequence[str]) -> list[int]:
+    """A prompt made of one full block per label, in order."""
+    return [token for label in labels for token in block_tokens(label)]
+
+
+@pytest.fixture(scope="session")
+def make_tokens() -> Callable[..., list[int]]:
+    """``make_tokens("sys", "q1")`` → 32 token ids; equal labels give equal blocks."""
+
+    def factory(*labels: str) -> list[int]:
+        return labelled_tokens(labels)
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def make_hashes() -> Callable[..., list[BlockHash]]:
+    """``make_hashes("sys", "q1")`` → the chained hashes of a prompt with those blocks.
+
+    Prompts that start with the same labels share those block hashes, as real prompts do.
+    """
+
+    def factory(*labels: str, extra_keys: Sequence[str] = ()) -> list[BlockHash]:
+        return hash_token_blocks(labelled_tokens(labels), extra_keys=extra_keys)
+
+    return factory
+
+
+@pytest.fixture
+def make_request() -> Callable[..., Request]:
+    """Build a `Request` from token ids, or from a token count (distinct content per call).
+
+    ``make_request(40)`` is a 40-token prompt unlike any other in the test;
+    ``make_request(tokens, max_tokens=8)`` hashes the given tokens. Ids are ``req-0``,
+    ``req-1``, ... per test, unless given.
+    """
+    counter = itertools.count()
+
+    def factory(
+        tokens: Sequence[int] | int,
+        *,
+        request_id: str | None = None,
+        max_tokens: int | None = None,
+        arrival_ms: float = 0.0,
+        seed: str = DEFAULT_HASH_SEED,
+        extra_keys: Sequence[str] = (),
+    ) -> Request:
+        n = next(counter)
+        if isinstance(tokens, int):
+            token_ids = [(n * 1_000_003 + i) % (1 << 31) for i in range(tokens)]
+        else:
+            token_ids = list(tokens)
+        return Request(
+            request_id=request_id if request_id is not None else f"req-{n}",
+            num_prompt_tokens=len(token_ids),
+            block_hashes=tuple(hash_token_blocks(token_ids, seed=seed, extra_keys=extra_keys)),
+            max_tokens=max_tokens,
+            arrival_ms=arrival_ms,
+            token_ids=tuple(token_ids),
+        )
+
+    return factory
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """URL of a real, flushed Redis db. ERRORs (never skips) when the server is unreachable."""
+    url = os.environ.get("KVQ_TEST_REDIS_URL", DEFAULT_TEST_REDIS_URL)
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+    unreachable: redis.RedisError | None = None
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        unreachable = exc
+    if unreachable is not None:  # outside `except`: one clear message, no chained tracebacks
+        client.close()
+        pytest.fail(
+            f"real Redis required at {url} (set KVQ_TEST_REDIS_URL) but it is not "
+            f"reachable: {unreachable}",
+            pytrace=False,
+        )
+    client.flushdb()
+    try:
+        yield url
+    finally:
+        client.flushdb()
+        client.close()
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    """A client of the flushed real Redis db of `redis_url`."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def fake_redis() -> fakeredis.FakeRedis:
+    """A fresh in-memory Redis (with Lua) of its own: nothing is shared between tests."""
+    return fakeredis.FakeRedis(server=fakeredis.FakeServer())
