@@ -15,7 +15,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.preset or args.num_blocks or args.max_context:
+    if args.preset or args.num_blocks is not None or args.max_context is not None:
         presets = [get_preset(args.preset or DEFAULT_PRESET, args.num_blocks, args.max_context)]
     else:
         presets = all_presets()
