@@ -1,0 +1,170 @@
+"""`kvqueue simulate`: run strategies on a workload in virtual time, write the dashboard.
+
+    kvqueue simulate --trace trace.jsonl --preset llama-3.1-8b@h100-80gb --workers 8 --json
+
+Settings not given as flags (latency constants, pending TTL, hash seed, decode model) come from
+the environment exactly as for the live workers (see `kvqueue.config`), so a simulated and a
+live run of the same settings model the same GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+
+from kvqueue.config import Settings
+from kvqueue.dashboard import build_dashboard, format_table, write_run
+from kvqueue.errors import KVQueueError
+from kvqueue.oracle import make_oracle
+from kvqueue.policies import policy_names
+from kvqueue.simulator import (
+    DEFAULT_STRATEGIES,
+    ProgressCallback,
+    check_strategies,
+    default_jobs,
+    run_strategies,
+    worker_names,
+)
+from kvqueue.traces import fits_report
+from kvqueue.workload_options import add_workload_arguments, build_requests
+
+DEFAULT_WORKLOAD = "shared-prefix-small"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_workload_arguments(parser, default=DEFAULT_WORKLOAD)
+    parser.add_argument(
+        "--strategies",
+        default=",".join(DEFAULT_STRATEGIES),
+        help=f"comma-separated routing strategies (valid: {', '.join(policy_names())}; "
+        f"default {','.join(DEFAULT_STRATEGIES)})",
+    )
+    parser.add_argument("--workers", type=int, default=4, help="simulated GPUs (default 4)")
+    parser.add_argument("--preset", help="MODEL@GPU preset (default: KVQ_PRESET or llama-2-13b)")
+    parser.add_argument("--num-blocks", type=int, help="override the preset's KV block count")
+    parser.add_argument("--max-context", type=int, help="override the model's context length")
+    parser.add_argument("--tokenizer", help="tokenizer name or path for --prompts")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        help="strategies simulated in parallel processes (default: one per strategy, up to "
+        "twice the CPUs; 1 with a decode model)",
+    )
+    parser.add_argument("--run-id", help="run id in the results (default: the out dir's name)")
+    parser.add_argument("--out", type=Path, help="output directory (default runs/sim-<time>)")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the dashboard as one JSON object on stdout (and nothing else on stdout)",
+    )
+
+
+def _parse_strategies(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, total: int) -> Iterator[ProgressCallback | None]:
+    """A tqdm bar on stderr over every strategy's requests (None when disabled)."""
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="simulating", unit="req", file=sys.stderr)
+    try:
+        yield bar.update
+    finally:
+        bar.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.strftime("%Y%m%d-%H%M%S")
+    try:
+        settings = Settings.from_env(
+            preset=args.preset,
+            num_blocks=args.num_blocks,
+            max_context_tokens=args.max_context,
+            tokenizer=args.tokenizer,
+        )
+        strategies = _parse_strategies(args.strategies)
+        check_strategies(strategies)
+        workers = worker_names(args.workers)
+        preset = settings.gpu_preset()
+        requests, meta = build_requests(args, settings.hash_seed, settings.tokenizer)
+    except (KVQueueError, ValueError) as exc:
+        print(f"kvqueue simulate: {exc}", file=sys.stderr)
+        return 2
+    if not requests:
+        print("kvqueue simulate: the workload has no requests", file=sys.stderr)
+        return 2
+    # A loaded torch model is not safe to fork; a decode model means one process.
+    jobs = args.jobs or (1 if settings.decode_model else default_jobs(len(strategies)))
+    out_dir = args.out or Path("runs") / f"sim-{started}"
+    run_id = args.run_id or out_dir.name
+
+    fit = fits_report(requests, preset.max_context_tokens, preset.num_blocks)
+    if fit.num_unfit:
+        examples = "; ".join(f"{rid}: {reason}" for rid, reason in fit.examples)
+        print(
+            f"kvqueue simulate: {fit.num_unfit:,} of {fit.num_requests:,} requests cannot fit "
+            f"{preset.name} ({preset.num_blocks:,} blocks, {preset.max_context_tokens:,}-token "
+            f"context) and will end as rejected; e.g. {examples}",
+            file=sys.stderr,
+        )
+
+    clock = time.perf_counter()
+    with _progress_bar(not args.json, len(requests) * len(strategies)) as progress:
+        results = run_strategies(
+            requests,
+            strategies,
+            len(workers),
+            preset=preset,
+            latency=settings.latency_model(),
+            oracle=make_oracle(settings.decode_model),
+            run_id=run_id,
+            pending_ttl_ms=settings.pending_ttl_s * 1000.0,
+            progress=progress,
+            jobs=jobs,
+        )
+    elapsed = time.perf_counter() - clock
+
+    meta.update(
+        {
+            "mode": "simulated",
+            "run_id": run_id,
+            "preset": preset.name,
+            "num_blocks": preset.num_blocks,
+            "max_context_tokens": preset.max_context_tokens,
+            "latency": {
+                "prefill_base_ms": settings.prefill_base_ms,
+                "prefill_per_block_ms": settings.prefill_per_block_ms,
+                "decode_per_token_ms": settings.decode_per_token_ms,
+            },
+            "pending_ttl_s": settings.pending_ttl_s,
+            "hash_seed": settings.hash_seed,
+            "decode_model": settings.decode_model,
+            "fit": fit.to_dict(),
+            "jobs": jobs,
+            "wall_s": round(elapsed, 3),
+        }
+    )
+    dashboard = build_dashboard(results, requests, workers, meta)
+    dashboard_file = write_run(out_dir, dashboard, results)
+
+    if args.json:
+        sys.stdout.write(orjson.dumps(dashboard).decode() + "\n")
+        return 0
+    print(
+        f"{len(requests):,} requests × {len(strategies)} strategies on {len(workers)} × "
+        f"{preset.name} ({preset.num_blocks:,} blocks) simulated in {elapsed:.1f} s"
+    )
+    print(format_table(dashboard))
+    print(f"\nwrote {dashboard_file} and results_<strategy>.jsonl in {out_dir}")
+    return 0
