@@ -2,7 +2,8 @@
 
 Node fields: ``parent`` (hex of the parent block, '' for a first block), ``w:<worker>`` = 1
 while the worker caches the block, ``p:<worker>`` = expiry (server ms) of a pending mark. A
-node with no worker field and no live pending mark is deleted. Each worker also has a set of
+node with no worker field is deleted, or expires (a Redis key TTL) with its last pending mark,
+so requests that are routed but never stored leave nothing behind. Each worker also has a set of
 its hashes (`kvq:worker:<w>:blocks`) so `cleared` can undo everything it announced.
 
 Writes accept an optional pipeline so that a worker can append its events to the event stream
@@ -34,6 +35,7 @@ class RedisIndex:
         self._clear = client.register_script(scripts.CLEAR)
         self._mark_pending = client.register_script(scripts.MARK_PENDING)
         self._route_view = client.register_script(scripts.ROUTE_VIEW)
+        self._match = client.register_script(scripts.MATCH)
 
     # -- writes (each accepts a pipeline) ------------------------------------------------
     def add(
@@ -129,9 +131,9 @@ class RedisIndex:
         return matches, int(ticket), decoded
 
     def match(self, block_hashes: Sequence[BlockHash]) -> dict[str, int]:
-        """Matches of every worker ever registered (liveness ignored), zeros dropped."""
-        matches, _, _ = self.route_view(block_hashes, heartbeat_ttl_ms=10**15)
-        return {w: n for w, n in matches.items() if n > 0}
+        """Matches of every worker holding the first block, live or not (zeros dropped)."""
+        workers, lengths = self._match(keys=[], args=[self.prefix, *to_hex(block_hashes)])
+        return {_text(w): int(n) for w, n in zip(workers, lengths, strict=True)}
 
     def cached_by(self, worker: str) -> set[BlockHash]:
         members = self.client.smembers(keys.worker_blocks(worker, self.prefix))

@@ -12,14 +12,21 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
 _DROP_IF_ORPHAN = """
+-- A node no worker stores lives only until its last pending mark expires (a request that is
+-- routed but never stored, e.g. rejected, must not leave its nodes behind forever).
 local function drop_if_orphan(node, now)
   local fields = redis.call('HGETALL', node)
+  local latest = 0
   for i = 1, #fields, 2 do
     local f = fields[i]
     if string.sub(f, 1, 2) == 'w:' then return end
-    if string.sub(f, 1, 2) == 'p:' and tonumber(fields[i + 1]) > now then return end
+    if string.sub(f, 1, 2) == 'p:' then latest = math.max(latest, tonumber(fields[i + 1])) end
   end
-  redis.call('DEL', node)
+  if latest > now then
+    redis.call('PEXPIREAT', node, latest)
+  else
+    redis.call('DEL', node)
+  end
 end
 """
 
@@ -33,6 +40,7 @@ for i = 4, #ARGV do
   local node = prefix .. 'node:' .. ARGV[i]
   redis.call('HSET', node, 'parent', parent, stored, '1')
   redis.call('HDEL', node, pending)
+  redis.call('PERSIST', node)
   redis.call('SADD', KEYS[1], ARGV[i])
   parent = ARGV[i]
 end
@@ -83,6 +91,7 @@ MARK_PENDING = (
 -- ARGV[1] = key prefix, ARGV[2] = worker, ARGV[3] = TTL in ms, ARGV[4..] = block hashes
 """
     + _NOW_MS
+    + _DROP_IF_ORPHAN
     + """
 local prefix, worker = ARGV[1], ARGV[2]
 local expires = now + tonumber(ARGV[3])
@@ -90,11 +99,34 @@ for i = 4, #ARGV do
   local node = prefix .. 'node:' .. ARGV[i]
   if redis.call('HEXISTS', node, 'w:' .. worker) == 0 then
     redis.call('HSET', node, 'p:' .. worker, expires)
+    drop_if_orphan(node, now)
   end
 end
 return expires
 """
 )
+
+_LEADING_RUN = """
+-- leading_run(worker): how many of the request's blocks ARGV[first .. first + n - 1] the worker
+-- holds (stored, or pending and not expired), found by binary search: caches are prefix-closed,
+-- so "holds block i" is monotone along the chain; each probe is one HMGET of the stored and
+-- pending fields. Needs `prefix`, `first`, `n` and `now` in scope.
+local function holds(pos, worker)
+  local v = redis.call('HMGET', prefix .. 'node:' .. ARGV[first + pos - 1],
+                       'w:' .. worker, 'p:' .. worker)
+  if v[1] then return true end
+  return v[2] ~= false and tonumber(v[2]) > now
+end
+local function leading_run(worker)
+  if n == 0 or not holds(1, worker) then return 0 end
+  local lo, hi = 1, n
+  while lo < hi do
+    local mid = math.floor((lo + hi + 1) / 2)
+    if holds(mid, worker) then lo = mid else hi = mid - 1 end
+  end
+  return lo
+end
+"""
 
 ROUTE_VIEW = (
     """
@@ -105,37 +137,53 @@ ROUTE_VIEW = (
 -- ARGV[1] = key prefix, ARGV[2] = heartbeat TTL in ms, ARGV[3] = '1' to take a ticket
 -- ARGV[4..] = the request's block hashes, in chain order
 -- Returns {live workers, their match lengths, ticket, state hash 1 (flat), state hash 2, ...}.
--- A worker's match is found by binary search: caches are prefix-closed, so "holds block i"
--- is monotone along the chain; each probe is one HMGET of the stored and pending fields.
 """
     + _NOW_MS
     + """
 local prefix = ARGV[1]
+local first, n = 4, #ARGV - 3
+"""
+    + _LEADING_RUN
+    + """
 local live = redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[2]), '+inf')
 local ticket = 0
 if ARGV[3] == '1' then ticket = redis.call('INCR', KEYS[2]) end
-local first, n = 4, #ARGV - 3
-local function holds(pos, worker)
-  local v = redis.call('HMGET', prefix .. 'node:' .. ARGV[first + pos - 1],
-                       'w:' .. worker, 'p:' .. worker)
-  if v[1] then return true end
-  return v[2] ~= false and tonumber(v[2]) > now
-end
 local matches = {}
-for i, worker in ipairs(live) do
-  local length = 0
-  if n > 0 and holds(1, worker) then
-    local lo, hi = 1, n
-    while lo < hi do
-      local mid = math.floor((lo + hi + 1) / 2)
-      if holds(mid, worker) then lo = mid else hi = mid - 1 end
-    end
-    length = lo
-  end
-  matches[i] = length
-end
+for i, worker in ipairs(live) do matches[i] = leading_run(worker) end
 local out = {live, matches, ticket}
 for k = 3, #KEYS do out[#out + 1] = redis.call('HGETALL', KEYS[k]) end
 return out
+"""
+)
+
+MATCH = (
+    """
+-- `PrefixIndex.match` of the Redis backend: the match of every worker that holds the request's
+-- first block (stored, or pending and not expired), whether or not it is registered as live.
+-- ARGV[1] = key prefix, ARGV[2..] = the request's block hashes, in chain order
+-- Returns {workers, their match lengths}, workers with a match of 0 left out.
+"""
+    + _NOW_MS
+    + """
+local prefix = ARGV[1]
+local first, n = 2, #ARGV - 1
+"""
+    + _LEADING_RUN
+    + """
+local workers, matches, seen = {}, {}, {}
+if n > 0 then
+  for _, field in ipairs(redis.call('HKEYS', prefix .. 'node:' .. ARGV[first])) do
+    local kind, worker = string.sub(field, 1, 2), string.sub(field, 3)
+    if (kind == 'w:' or kind == 'p:') and not seen[worker] then
+      seen[worker] = true
+      local length = leading_run(worker)
+      if length > 0 then
+        workers[#workers + 1] = worker
+        matches[#matches + 1] = length
+      end
+    end
+  end
+end
+return {workers, matches}
 """
 )

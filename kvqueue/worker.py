@@ -305,7 +305,7 @@ def _publish_orphan_failure(
         {"result": orjson.dumps(result.to_dict())},
     )
     RedisRouterState(client, settings.key_prefix).complete(
-        queue, context.load_tokens, pipeline=pipe
+        queue, context.load_tokens, context.estimated_ms, pipeline=pipe
     )
     pipe.execute()
 

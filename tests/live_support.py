@@ -1,0 +1,180 @@
+"""Helpers for the tests that use the real Redis and real `rq worker` processes.
+
+Each such module gets a Redis db of its own on the test server (conftest's
+`real_redis_base_url`: ``KVQ_TEST_REDIS_URL``, else 127.0.0.1:6379, else an embedded
+redis-server), so that test runs going on at the same time — other modules, the conftest
+`redis_url` fixture flushing db 15, the demo tests on db 8, the benchmarks on db 11 — never
+wipe each other's keys. The live modules
+need a whole db because RQ's queue names (``worker-0``) cannot carry a key prefix; the index
+and router modules share one db and use a unique key prefix per test instead.
+
+Like conftest's `redis_url`, nothing here skips: an unreachable Redis FAILS the test.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import pytest
+import redis
+from rq import Queue
+from rq.job import JobStatus
+from rq.serializers import JSONSerializer
+
+from kvqueue import keys
+from kvqueue.cluster import LocalCluster
+from kvqueue.events import CacheEvent, decode_event
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+
+INDEX_DB = 9  # test_index, test_router: a unique key prefix per test, never flushed
+E2E_DB = 10  # test_pipeline_e2e: flushed before every cluster
+FAULTS_DB = 7  # test_faults: flushed before every test
+
+
+def real_redis_url(base_url: str, db: int) -> str:
+    """The test server's URL (`real_redis_base_url`) with its database number set to `db`."""
+    parts = urlsplit(base_url)
+    if parts.scheme == "unix":
+        query = dict(parse_qsl(parts.query)) | {"db": str(db)}
+        return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
+    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, ""))
+
+
+def connect_or_fail(url: str) -> redis.Redis:
+    """A client of `url`; FAILS the calling test (never skips) if Redis does not answer."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=30)
+    unreachable: redis.RedisError | None = None
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        unreachable = exc
+    if unreachable is not None:
+        client.close()
+        pytest.fail(
+            f"real Redis required at {url} (set KVQ_TEST_REDIS_URL) but it is not "
+            f"reachable: {unreachable}",
+            pytrace=False,
+        )
+    return client
+
+
+def unique_prefix(tag: str) -> str:
+    return f"kvqtest:{tag}:{uuid.uuid4().hex[:8]}:"
+
+
+def delete_matching(client: redis.Redis, pattern: str) -> None:
+    batch = list(client.scan_iter(match=pattern, count=1000))
+    for start in range(0, len(batch), 500):
+        client.delete(*batch[start : start + 500])
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def register_workers(
+    client: redis.Redis, prefix: str, workers: Iterable[str], age_s: float = 0.0
+) -> None:
+    """Put `workers` in the live set with a heartbeat `age_s` seconds old."""
+    client.zadd(keys.workers(prefix), {w: now_ms() - int(age_s * 1000) for w in workers})
+
+
+# -- live clusters ---------------------------------------------------------------------------------
+def start_cluster(
+    url: str,
+    prefix: str,
+    num_workers: int = 2,
+    env: Mapping[str, str] | None = None,
+    log_dir: Path | None = None,
+) -> LocalCluster:
+    """Real `rq worker -w workers.KVWorker worker-<i>` processes; `worker_probe` importable."""
+    worker_env = {"PYTHONPATH": str(TESTS_DIR), **(env or {})}
+    return LocalCluster(url, num_workers, env=worker_env, prefix=prefix, log_dir=log_dir).start(
+        timeout_s=30
+    )
+
+
+def rq_queue_keys(client: redis.Redis) -> list[str]:
+    """Every RQ queue list that exists (an enqueued, not yet taken job keeps one alive)."""
+    return sorted(k.decode() for k in client.scan_iter(match="rq:queue:*"))
+
+
+def load_hashes(
+    client: redis.Redis, prefix: str, workers: Iterable[str]
+) -> dict[str, dict[str, float]]:
+    """The router's outstanding load of `workers` (0 when absent), by kind:
+    {"requests"|"tokens"|"work_ms": {worker: value}}."""
+    named = {
+        "requests": keys.load(prefix),
+        "tokens": keys.load_tokens(prefix),
+        "work_ms": keys.load_work(prefix),
+    }
+    workers = list(workers)
+    loads = {}
+    for name, key in named.items():
+        values = client.hmget(key, workers)
+        loads[name] = {
+            w: float(v) if v is not None else 0.0 for w, v in zip(workers, values, strict=True)
+        }
+    return loads
+
+
+def dump_tree(client: redis.Redis, prefix: str) -> dict[str, dict[str, str]]:
+    """Every prefix-tree node in Redis: {block hash hex: {field: value}}."""
+    node_prefix = keys.node_prefix(prefix)
+    tree = {}
+    for key in client.scan_iter(match=f"{node_prefix}*", count=1000):
+        fields = client.hgetall(key)
+        tree[key.decode()[len(node_prefix) :]] = {f.decode(): v.decode() for f, v in fields.items()}
+    return tree
+
+
+def tree_holders(tree: Mapping[str, Mapping[str, str]]) -> dict[str, set[str]]:
+    """{worker: hashes whose node has a ``w:<worker>`` field} (stored, not pending)."""
+    held: dict[str, set[str]] = {}
+    for block_hex, fields in tree.items():
+        for field in fields:
+            if field.startswith("w:"):
+                held.setdefault(field[2:], set()).add(block_hex)
+    return held
+
+
+def events_by_worker(client: redis.Redis, prefix: str) -> dict[str, list[CacheEvent]]:
+    """The cache-event stream, decoded and split per worker, in stream order."""
+    split: dict[str, list[CacheEvent]] = {}
+    for _, fields in client.xrange(keys.events(prefix)):
+        split.setdefault(fields[b"worker"].decode(), []).append(decode_event(fields[b"event"]))
+    return split
+
+
+def cache_snapshot(client: redis.Redis, worker: str, timeout_s: float = 20.0) -> dict:
+    """Ask the worker process itself for its cached hashes (see `worker_probe`)."""
+    queue = Queue(keys.queue_name(worker), connection=client, serializer=JSONSerializer)
+    job = queue.enqueue("worker_probe.cache_snapshot", result_ttl=600)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = job.get_status(refresh=True)
+        if status == JobStatus.FINISHED:
+            return job.return_value(refresh=True)
+        if status == JobStatus.FAILED or time.monotonic() > deadline:
+            result = job.latest_result()
+            raise AssertionError(
+                f"cache snapshot of {worker} {status}: {result.exc_string if result else ''}"
+            )
+        time.sleep(0.02)
+
+
+def wait_for_stream_length(
+    client: redis.Redis, stream: str, length: int, timeout_s: float = 30.0
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while client.xlen(stream) < length:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{stream} has {client.xlen(stream)} entries, want {length}")
+        time.sleep(0.01)

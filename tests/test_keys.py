@@ -1,0 +1,83 @@
+"""Pins every Redis key kvqueue writes: renaming one breaks every deployed producer/worker pair
+and every `redis-cli` recipe, so a change here must be deliberate."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from kvqueue import keys
+
+HEX = "ab" * 32
+
+# (function, arguments, key with the default prefix)
+PREFIXED_KEYS = [
+    (keys.node, (HEX,), f"kvq:node:{HEX}"),
+    (keys.node_prefix, (), "kvq:node:"),
+    (keys.worker_blocks, ("worker-0",), "kvq:worker:worker-0:blocks"),
+    (keys.worker_info, ("worker-0",), "kvq:worker:worker-0:info"),
+    (keys.workers, (), "kvq:workers"),
+    (keys.load, (), "kvq:load"),
+    (keys.load_tokens, (), "kvq:load:tokens"),
+    (keys.load_work, (), "kvq:load:work"),
+    (keys.load_since, (), "kvq:load:since"),
+    (keys.usage, (), "kvq:usage"),
+    (keys.capacity, (), "kvq:capacity"),
+    (keys.output_stats, (), "kvq:stats:output"),
+    (keys.round_robin, (), "kvq:rr"),
+    (keys.events, (), "kvq:events"),
+    (keys.results, ("20261126-120000-abcdef",), "kvq:results:20261126-120000-abcdef"),
+    (keys.run, ("20261126-120000-abcdef",), "kvq:run:20261126-120000-abcdef"),
+]
+
+# Names that are not keys of their own: hash fields and RQ queue names.
+UNPREFIXED = [
+    (keys.stored_field, ("worker-0",), "w:worker-0"),
+    (keys.pending_field, ("worker-0",), "p:worker-0"),
+    (keys.queue_name, ("worker-3",), "worker-3"),
+    (keys.worker_name, (12,), "worker-12"),
+]
+
+
+@pytest.mark.parametrize(
+    ("build", "args", "expected"), PREFIXED_KEYS, ids=lambda v: getattr(v, "__name__", None)
+)
+def test_key_format_with_the_default_prefix(build, args, expected: str) -> None:
+    assert keys.DEFAULT_PREFIX == "kvq:"
+    assert build(*args) == expected
+
+
+@pytest.mark.parametrize(
+    ("build", "args", "expected"), PREFIXED_KEYS, ids=lambda v: getattr(v, "__name__", None)
+)
+def test_key_format_with_a_custom_prefix(build, args, expected: str) -> None:
+    assert build(*args, prefix="lab7:") == "lab7:" + expected.removeprefix("kvq:")
+
+
+@pytest.mark.parametrize(
+    ("build", "args", "expected"), UNPREFIXED, ids=lambda v: getattr(v, "__name__", None)
+)
+def test_fields_and_queue_names_carry_no_prefix(build, args, expected: str) -> None:
+    assert build(*args) == expected
+    assert "prefix" not in inspect.signature(build).parameters
+
+
+def test_a_node_key_is_the_node_prefix_followed_by_the_hash() -> None:
+    assert keys.node(HEX, "p:") == keys.node_prefix("p:") + HEX
+
+
+def test_every_key_function_is_pinned_here() -> None:
+    public = {
+        name
+        for name, value in vars(keys).items()
+        if inspect.isfunction(value) and not name.startswith("_")
+    }
+    pinned = {build.__name__ for build, _, _ in PREFIXED_KEYS + UNPREFIXED}
+    assert public - pinned == set(), "new key builders need a pinned format in test_keys.py"
+    assert pinned - public == set()
+
+
+def test_every_prefixed_key_is_distinct() -> None:
+    built = [build(*args) for build, args, _ in PREFIXED_KEYS]
+    assert len(set(built)) == len(built)
