@@ -69,7 +69,8 @@ class BlockCache:
         self.num_blocks = num_blocks
         self.stats = CacheStats()
         self._blocks: dict[BlockHash, CachedBlock] = {}
-        self._evictable_heap: list[tuple[int, int, BlockHash]] = []
+        # One entry per release: (clock, run of hashes; pop() from the end evicts next).
+        self._evictable_heap: list[tuple[int, list[BlockHash]]] = []
         self._num_evictable = 0
         self._num_anonymous = 0
         self._clock = 0
@@ -140,24 +141,29 @@ class BlockCache:
             self._pin(self._blocks[block_hash])
         evicted: list[BlockHash] = []
         stored_runs: list[BlocksStored] = []
-        run: list[BlockHash] = []
+        blocks = self._blocks
+        free = self.num_blocks - len(blocks) - self._num_anonymous
+        run_start = num_hits
         for depth in range(num_hits, len(hashes)):
             block_hash = hashes[depth]
-            existing = self._blocks.get(block_hash)
+            existing = blocks.get(block_hash)
             if existing is not None:  # cached beyond the first miss: recomputed, not stored twice
                 self._pin(existing)
-                stored_runs += _stored_run(run, hashes, depth)
-                run = []
+                stored_runs += _stored_run(list(hashes[run_start:depth]), hashes, depth)
+                run_start = depth + 1
                 continue
-            if self.num_free_slots == 0:
+            if free:
+                free -= 1
+            else:
                 evicted.append(self._evict_one())
-            self._blocks[block_hash] = CachedBlock(block_hash, depth, ref_count=1)
-            run.append(block_hash)
-        stored_runs += _stored_run(run, hashes, len(hashes))
+            blocks[block_hash] = CachedBlock(block_hash, depth, 1)
+        stored_runs += _stored_run(list(hashes[run_start:]), hashes, len(hashes))
         for _ in range(num_anonymous_blocks):
-            if self.num_free_slots == 0:
+            if free:
+                free -= 1
+            else:
                 evicted.append(self._evict_one())
-            self._num_anonymous += 1
+        self._num_anonymous += num_anonymous_blocks
         # Evicted hashes are never among the stored ones, so reporting the removals first
         # replays to the same set of cached hashes.
         if evicted:
@@ -170,19 +176,30 @@ class BlockCache:
         return Allocation(hashes, num_hits, num_anonymous_blocks, len(evicted))
 
     def release(self, allocation: Allocation) -> None:
-        """Unpin a request's blocks, tail first; blocks reaching ref_count 0 become evictable."""
+        """Unpin a request's blocks; blocks reaching ref_count 0 become evictable together.
+
+        They enter the eviction heap as one run sharing this release's clock, ordered so that
+        popping from its end yields the smallest ``(-depth, block_hash)`` first: the order the
+        class docstring states, at one heap operation per release instead of one per block.
+        """
         self._clock += 1
+        clock = self._clock
+        blocks = self._blocks
+        freed: list[CachedBlock] = []
         for block_hash in reversed(allocation.block_hashes):
-            block = self._blocks.get(block_hash)
-            assert block is not None and block.ref_count > 0, "release of an unpinned block"
+            block = blocks[block_hash]
+            assert block.ref_count > 0, "release of an unpinned block"
             block.ref_count -= 1
             if block.ref_count == 0:
-                block.last_used = self._clock
-                heapq.heappush(self._evictable_heap, (self._clock, -block.depth, block_hash))
-                self._num_evictable += 1
+                block.last_used = clock
+                freed.append(block)
+        if freed:
+            freed.sort(key=_eviction_key, reverse=True)
+            heapq.heappush(self._evictable_heap, (clock, [b.block_hash for b in freed]))
+            self._num_evictable += len(freed)
         self._num_anonymous -= allocation.num_anonymous_blocks
         assert self._num_anonymous >= 0
-        if len(self._evictable_heap) > 4 * self.num_blocks:
+        if len(self._evictable_heap) > 2 * self.num_blocks:
             self._compact_heap()
 
     def clear(self) -> None:
@@ -223,21 +240,39 @@ class BlockCache:
             )
 
     def _evict_one(self) -> BlockHash:
-        while self._evictable_heap:
-            last_used, _, block_hash = heapq.heappop(self._evictable_heap)
-            block = self._blocks.get(block_hash)
-            if block is None or block.ref_count > 0 or block.last_used != last_used:
-                continue  # stale entry: evicted already, revived, or re-released later
-            del self._blocks[block_hash]
-            self._num_evictable -= 1
-            return block_hash
+        heap = self._evictable_heap
+        blocks = self._blocks
+        while heap:
+            last_used, run = heap[0]
+            while run:
+                block_hash = run.pop()
+                block = blocks.get(block_hash)
+                if block is None or block.ref_count > 0 or block.last_used != last_used:
+                    continue
+                del blocks[block_hash]
+                self._num_evictable -= 1
+                if not run:
+                    heapq.heappop(heap)
+                return block_hash
+            heapq.heappop(heap)
         raise CacheFullError("no evictable block left")  # _check_room rules this out
 
     def _compact_heap(self) -> None:
-        self._evictable_heap = [
-            (b.last_used, -b.depth, b.block_hash) for b in self._blocks.values() if b.ref_count == 0
-        ]
+        """Rebuild the heap from the evictable blocks, dropping stale runs (same order)."""
+        runs: dict[int, list[CachedBlock]] = {}
+        for block in self._blocks.values():
+            if block.ref_count == 0:
+                runs.setdefault(block.last_used, []).append(block)
+        self._evictable_heap = []
+        for last_used, run in runs.items():
+            run.sort(key=_eviction_key, reverse=True)
+            self._evictable_heap.append((last_used, [b.block_hash for b in run]))
         heapq.heapify(self._evictable_heap)
+
+
+def _eviction_key(block: CachedBlock) -> tuple[int, BlockHash]:
+    """Order within blocks released together: deepest first, then by hash."""
+    return (-block.depth, block.block_hash)
 
 
 def _stored_run(

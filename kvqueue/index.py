@@ -62,25 +62,30 @@ class InMemoryIndex:
         self._worker_blocks: dict[str, set[BlockHash]] = {}
 
     def add(self, worker: str, block_hashes: Sequence[BlockHash]) -> None:
-        owned = self._worker_blocks.setdefault(worker, set())
+        self._worker_blocks.setdefault(worker, set()).update(block_hashes)
+        holders = self._holders
+        all_pending = self._pending
         for block_hash in block_hashes:
-            self._holders.setdefault(block_hash, set()).add(worker)
-            owned.add(block_hash)
-            pending = self._pending.get(block_hash)
+            holding = holders.get(block_hash)
+            if holding is None:
+                holders[block_hash] = {worker}
+            else:
+                holding.add(worker)
+            pending = all_pending.get(block_hash)
             if pending is not None:
                 pending.pop(worker, None)
                 if not pending:
-                    del self._pending[block_hash]
+                    del all_pending[block_hash]
 
     def remove(self, worker: str, block_hashes: Sequence[BlockHash]) -> None:
-        owned = self._worker_blocks.get(worker, set())
+        self._worker_blocks.get(worker, set()).difference_update(block_hashes)
+        all_holders = self._holders
         for block_hash in block_hashes:
-            holders = self._holders.get(block_hash)
+            holders = all_holders.get(block_hash)
             if holders is not None:
                 holders.discard(worker)
                 if not holders:
-                    del self._holders[block_hash]
-            owned.discard(block_hash)
+                    del all_holders[block_hash]
 
     def clear(self, worker: str) -> None:
         # Pending marks stay: requests already routed to the worker will still store them.
@@ -88,9 +93,16 @@ class InMemoryIndex:
 
     def mark_pending(self, worker: str, block_hashes: Sequence[BlockHash], ttl_ms: float) -> None:
         expires = self._clock() + ttl_ms
+        holders = self._holders
+        all_pending = self._pending
+        empty: frozenset[str] = frozenset()
         for block_hash in block_hashes:
-            if worker not in self._holders.get(block_hash, ()):
-                self._pending.setdefault(block_hash, {})[worker] = expires
+            if worker not in holders.get(block_hash, empty):
+                pending = all_pending.get(block_hash)
+                if pending is None:
+                    all_pending[block_hash] = {worker: expires}
+                else:
+                    pending[worker] = expires
 
     def _holding(self, block_hash: BlockHash, now: float) -> set[str]:
         holding = set(self._holders.get(block_hash, ()))
