@@ -186,15 +186,21 @@ class BlockCache:
         clock = self._clock
         blocks = self._blocks
         freed: list[CachedBlock] = []
+        in_order = True  # a chain released tail first comes out deepest first already
         for block_hash in reversed(allocation.block_hashes):
             block = blocks[block_hash]
             assert block.ref_count > 0, "release of an unpinned block"
             block.ref_count -= 1
             if block.ref_count == 0:
                 block.last_used = clock
+                if freed and freed[-1].depth <= block.depth:
+                    in_order = False
                 freed.append(block)
         if freed:
-            freed.sort(key=_eviction_key, reverse=True)
+            if in_order:
+                freed.reverse()
+            else:
+                freed.sort(key=_eviction_key, reverse=True)
             heapq.heappush(self._evictable_heap, (clock, [b.block_hash for b in freed]))
             self._num_evictable += len(freed)
         self._num_anonymous -= allocation.num_anonymous_blocks
