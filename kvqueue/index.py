@@ -7,8 +7,10 @@ suite run against both.
 Match semantics: a worker's match for a request is the length of the leading run of the
 request's block hashes that the worker holds (cached, or *pending*: routed there and not yet
 confirmed by a stored event, until a TTL runs out). It stops at the first block the worker
-lacks. Because every worker's cache is prefix-closed (see `kvqueue.cache`), the Redis backend
-finds that length by binary search over positions instead of walking every block.
+lacks. Because every worker's cache is prefix-closed (see `kvqueue.cache`) and the router
+marks a routed request's whole chain pending, each worker's holdings are prefix-closed too, so
+both backends find that length by binary search over positions (O(log n) probes per worker)
+instead of walking every block — and, probing the same positions, always agree.
 """
 
 from __future__ import annotations
@@ -111,17 +113,32 @@ class InMemoryIndex:
                 holding.add(worker)
         return holding
 
+    def _holds(self, worker: str, block_hash: BlockHash, now: float) -> bool:
+        if worker in self._holders.get(block_hash, ()):
+            return True
+        expires = self._pending.get(block_hash, {}).get(worker)
+        return expires is not None and expires > now
+
     def match(self, block_hashes: Sequence[BlockHash]) -> dict[str, int]:
+        """Binary search per worker holding the first block, exactly as the Redis script does.
+
+        Exact while each worker's holdings are prefix-closed (always, when fed by the workers'
+        events and the router's pending marks); on a chain with a gap both backends return
+        the same boundary: a length L whose block L−1 is held and block L is not.
+        """
+        if not block_hashes:
+            return {}
         now = self._clock()
         matched: dict[str, int] = {}
-        alive: set[str] | None = None
-        for position, block_hash in enumerate(block_hashes):
-            holding = self._holding(block_hash, now)
-            alive = holding if alive is None else alive & holding
-            if not alive:
-                break
-            for worker in alive:
-                matched[worker] = position + 1
+        for worker in self._holding(block_hashes[0], now):
+            lo, hi = 1, len(block_hashes)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if self._holds(worker, block_hashes[mid - 1], now):
+                    lo = mid
+                else:
+                    hi = mid - 1
+            matched[worker] = lo
         return matched
 
     def cached_by(self, worker: str) -> set[BlockHash]:

@@ -130,28 +130,36 @@ def test_match_stops_at_the_first_block_a_worker_lacks(backend: Backend, make_ha
     assert index.match(make_hashes("unseen", "a", "b")) == {}
 
 
-# Holes a binary search over 6 positions never probes (it looks at position 4 first).
-HOLES_SKIPPED_BY_BINARY_SEARCH = (1, 2)
-
-
 @pytest.mark.parametrize("hole", [1, 2, 3, 4])
-def test_a_gap_in_a_workers_chain_ends_its_match_at_the_gap(
-    backend: Backend, make_hashes, hole: int, request: pytest.FixtureRequest
+def test_a_gap_in_a_workers_chain_yields_a_held_boundary_the_same_in_every_backend(
+    backend: Backend, make_hashes, hole: int
 ) -> None:
-    if isinstance(backend.index, RedisIndex) and hole in HOLES_SKIPPED_BY_BINARY_SEARCH:
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="RedisIndex finds a match by binary search, exact only while each "
-                "worker's holdings are prefix-closed (kvqueue.index); a hole it does not "
-                "probe is skipped, while InMemoryIndex stops at it",
-            )
-        )
+    # Workers' caches are prefix-closed, so a gap never comes from their events; the index
+    # finds a match by binary search and, on a gap, returns a boundary: block L-1 held,
+    # block L not. Both backends probe the same positions, so they agree exactly.
     chain = make_hashes("b0", "b1", "b2", "b3", "b4", "b5")
     backend.index.add("worker-0", chain[:hole])
     backend.index.add("worker-0", chain[hole + 1 :])
 
-    assert backend.index.match(chain) == {"worker-0": hole}
+    expected = InMemoryIndex()
+    expected.add("worker-0", chain[:hole])
+    expected.add("worker-0", chain[hole + 1 :])
+    length = backend.index.match(chain)["worker-0"]
+
+    assert length == expected.match(chain)["worker-0"]
+    held = set(chain) - {chain[hole]}
+    assert chain[length - 1] in held
+    assert length == len(chain) or chain[length] not in held
+
+
+def test_a_worker_lacking_a_block_matches_up_to_it_when_its_chain_is_prefix_closed(
+    backend: Backend, make_hashes
+) -> None:
+    chain = make_hashes("b0", "b1", "b2", "b3", "b4", "b5")
+    for length in range(1, len(chain) + 1):
+        backend.index.clear("worker-0")
+        backend.index.add("worker-0", chain[:length])
+        assert backend.index.match(chain) == {"worker-0": length}
 
 
 # -- duplicates and absent entries -----------------------------------------------------------------
