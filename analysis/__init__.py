@@ -1,0 +1,1 @@
+"""Analysis entry points: `dashboard.py`, `plots.py`, `compare.py` (logic in `kvqueue`)."""
