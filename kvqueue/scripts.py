@@ -107,13 +107,17 @@ return expires
 )
 
 _LEADING_RUN = """
--- leading_run(worker): how many of the request's blocks ARGV[first .. first + n - 1] the worker
--- holds (stored, or pending and not expired), found by binary search: caches are prefix-closed,
--- so "holds block i" is monotone along the chain; each probe is one HMGET of the stored and
--- pending fields. Needs `prefix`, `first`, `n` and `now` in scope.
+-- leading_run(worker): how many of the request's n blocks the worker holds (stored, or pending
+-- and not expired), found by binary search: caches are prefix-closed, so "holds block i" is
+-- monotone along the chain; each probe is one HMGET of the stored and pending fields.
+-- The request's hashes arrive as one argument, `chain`: hex, 64 characters each, concatenated
+-- (sending and unpacking 512 separate arguments cost more than the search itself).
+-- Needs `prefix`, `chain`, `n` and `now` in scope.
+local function block_key(pos)
+  return prefix .. 'node:' .. string.sub(chain, pos * 64 - 63, pos * 64)
+end
 local function holds(pos, worker)
-  local v = redis.call('HMGET', prefix .. 'node:' .. ARGV[first + pos - 1],
-                       'w:' .. worker, 'p:' .. worker)
+  local v = redis.call('HMGET', block_key(pos), 'w:' .. worker, 'p:' .. worker)
   if v[1] then return true end
   return v[2] ~= false and tonumber(v[2]) > now
 end
@@ -135,13 +139,13 @@ ROUTE_VIEW = (
 -- KEYS[2] = the shared round-robin counter (INCR'd when ARGV[3] == '1')
 -- KEYS[3..] = state hashes (field = worker), returned whole
 -- ARGV[1] = key prefix, ARGV[2] = heartbeat TTL in ms, ARGV[3] = '1' to take a ticket
--- ARGV[4..] = the request's block hashes, in chain order
+-- ARGV[4] = the request's block hashes in chain order, hex, concatenated ('' for none)
 -- Returns {live workers, their match lengths, ticket, state hash 1 (flat), state hash 2, ...}.
 """
     + _NOW_MS
     + """
-local prefix = ARGV[1]
-local first, n = 4, #ARGV - 3
+local prefix, chain = ARGV[1], ARGV[4]
+local n = math.floor(#chain / 64)
 """
     + _LEADING_RUN
     + """
@@ -160,19 +164,20 @@ MATCH = (
     """
 -- `PrefixIndex.match` of the Redis backend: the match of every worker that holds the request's
 -- first block (stored, or pending and not expired), whether or not it is registered as live.
--- ARGV[1] = key prefix, ARGV[2..] = the request's block hashes, in chain order
+-- ARGV[1] = key prefix
+-- ARGV[2] = the request's block hashes in chain order, hex, concatenated ('' for none)
 -- Returns {workers, their match lengths}, workers with a match of 0 left out.
 """
     + _NOW_MS
     + """
-local prefix = ARGV[1]
-local first, n = 2, #ARGV - 1
+local prefix, chain = ARGV[1], ARGV[2]
+local n = math.floor(#chain / 64)
 """
     + _LEADING_RUN
     + """
 local workers, matches, seen = {}, {}, {}
 if n > 0 then
-  for _, field in ipairs(redis.call('HKEYS', prefix .. 'node:' .. ARGV[first])) do
+  for _, field in ipairs(redis.call('HKEYS', block_key(1))) do
     local kind, worker = string.sub(field, 1, 2), string.sub(field, 3)
     if (kind == 'w:' or kind == 'p:') and not seen[worker] then
       seen[worker] = true
