@@ -69,6 +69,9 @@ class EmbeddedRedis:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            # Its own session: a terminal Ctrl-C reaches the demo, which then stops the workers
+            # (they deregister through this Redis) before stopping Redis itself.
+            start_new_session=True,
         )  # fmt: skip
         client = redis.Redis(port=self.port, socket_connect_timeout=1)
         deadline = time.monotonic() + timeout_s
