@@ -10,9 +10,11 @@
 | kvq:load                     | hash   | outstanding requests per worker                     |
 | kvq:load:tokens              | hash   | outstanding prompt+output tokens per worker         |
 | kvq:load:work                | hash   | router's estimate of outstanding service ms/worker  |
+| kvq:load:since               | hash   | wall ms at which the worker's current request began |
 | kvq:usage                    | hash   | cache blocks in use per worker (last report)        |
 | kvq:capacity                 | hash   | cache capacity in blocks per worker                 |
-| kvq:stats:output             | hash   | `output_tokens`, `completed`: for the mean output   |
+| kvq:stats:output             | hash   | `output_tokens`, `completed`: for the mean output;  |
+|                              |        | `routed`, `declared`: requests giving max_tokens    |
 | kvq:rr                       | string | round-robin counter shared by every producer        |
 | kvq:events                   | stream | cache events, one entry per event                   |
 | kvq:results:<run id>         | stream | request results of one run                          |
@@ -55,6 +57,10 @@ def load_tokens(prefix: str = DEFAULT_PREFIX) -> str:
 
 def load_work(prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}load:work"
+
+
+def load_since(prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}load:since"
 
 
 def usage(prefix: str = DEFAULT_PREFIX) -> str:

@@ -24,7 +24,9 @@ class WorkerLoad:
     `requests`, `tokens` (prompt + declared output) and `work_ms` (the router's estimate of
     their service time, see `kvqueue.router.estimate_service_ms`) cover outstanding work:
     queued and running. `used_blocks`/`capacity_blocks` are the cache occupancy the worker
-    last reported (after its last request ended).
+    last reported (after its last request ended). `elapsed_ms` is how long the request at
+    the head of the worker's queue has been in service, as the router saw it start (at its
+    commit to an idle worker, or at the previous completion); 0 when idle.
     """
 
     requests: int = 0
@@ -32,6 +34,7 @@ class WorkerLoad:
     work_ms: float = 0.0
     used_blocks: int = 0
     capacity_blocks: int = 0
+    elapsed_ms: float = 0.0
 
     @property
     def kv_usage(self) -> float:
@@ -47,6 +50,7 @@ class RouterView:
     loads: Mapping[str, WorkerLoad]
     ticket: int = 0
     mean_output_tokens: float | None = None  # over completed requests so far; None before any
+    declared_share: float | None = None  # of routed requests, share declaring max_tokens
 
     def load(self, worker: str) -> WorkerLoad:
         return self.loads.get(worker, WorkerLoad())
@@ -136,3 +140,7 @@ class CacheAware:
         if best == 0:
             return least_loaded(view.workers, view)
         return least_loaded([w for w in view.workers if view.matched(w) == best], view)
+
+
+# The other policies live in modules of their own; importing them registers them here.
+from kvqueue import policies_field, policies_predictive  # noqa: E402, F401

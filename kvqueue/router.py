@@ -40,6 +40,8 @@ class Decision:
     matched_blocks: int
     load_tokens: int
     estimated_ms: float = 0.0
+    # The worker had nothing outstanding when the router looked: the request starts at once.
+    worker_idle: bool = False
 
 
 def load_tokens(request: Request) -> int:
@@ -94,6 +96,9 @@ class Router:
         self.state = state
         self.policy = policy
         self.latency = latency or LatencyModel()
+        # Policies that price work in ms (preble, predictive) use the router's latency model.
+        if getattr(policy, "latency", False) is None:
+            policy.latency = self.latency  # type: ignore[attr-defined]
 
     def route(self, request: Request) -> Decision:
         """Choose a worker. Raises `NoLiveWorkersError` when there is none."""
@@ -108,6 +113,7 @@ class Router:
             matched,
             load_tokens(request),
             estimate_service_ms(request, matched, view, self.latency),
+            worker_idle=view.load(worker).requests == 0,
         )
 
     def commit(self, request: Request, decision: Decision, pipeline: Any = None) -> None:
@@ -115,7 +121,13 @@ class Router:
 
 
 class RedisRouterState:
-    """Router state in Redis: the prefix tree, live workers, loads and the shared ticket."""
+    """Router state in Redis: the prefix tree, live workers, loads and the shared ticket.
+
+    `kvq:load:since` holds, per worker, the wall-clock ms at which the router saw its current
+    request start: a commit to an idle worker, or the last completion (the next queued
+    request starts then). `time_scale` (wall seconds per simulated second, as the workers
+    emulate it) turns the time since then into simulated ms for `WorkerLoad.elapsed_ms`.
+    """
 
     def __init__(
         self,
@@ -123,22 +135,27 @@ class RedisRouterState:
         prefix: str = keys.DEFAULT_PREFIX,
         heartbeat_ttl_s: float = 15.0,
         pending_ttl_s: float = 30.0,
+        time_scale: float = 1.0,
     ) -> None:
         self.client = client
         self.prefix = prefix
         self.index = RedisIndex(client, prefix)
         self.heartbeat_ttl_ms = heartbeat_ttl_s * 1000.0
         self.pending_ttl_ms = pending_ttl_s * 1000.0
+        self.time_scale = time_scale
 
     def view(self, request: Request, take_ticket: bool) -> RouterView:
         p = self.prefix
-        matches, ticket, (requests, tokens, work, used, capacity, stats) = self.index.route_view(
-            request.block_hashes,
-            self.heartbeat_ttl_ms,
-            [keys.load(p), keys.load_tokens(p), keys.load_work(p), keys.usage(p),
-             keys.capacity(p), keys.output_stats(p)],
-            take_ticket,
+        matches, ticket, (requests, tokens, work, used, capacity, stats, since) = (
+            self.index.route_view(
+                request.block_hashes,
+                self.heartbeat_ttl_ms,
+                [keys.load(p), keys.load_tokens(p), keys.load_work(p), keys.usage(p),
+                 keys.capacity(p), keys.output_stats(p), keys.load_since(p)],
+                take_ticket,
+            )
         )  # fmt: skip
+        now = _wall_ms()
         workers = tuple(sorted(matches, key=worker_order))
         loads = {
             w: WorkerLoad(
@@ -147,10 +164,18 @@ class RedisRouterState:
                 work_ms=max(0.0, float(work.get(w, 0.0))),
                 used_blocks=int(used.get(w, 0)),
                 capacity_blocks=int(capacity.get(w, 0)),
+                elapsed_ms=self._elapsed_ms(now, since.get(w), int(requests.get(w, 0))),
             )
             for w in workers
         }
-        return RouterView(workers, matches, loads, ticket, _mean_output(stats))
+        return RouterView(
+            workers, matches, loads, ticket, _mean_output(stats), _declared_share(stats)
+        )
+
+    def _elapsed_ms(self, now: float, since: str | None, requests: int) -> float:
+        if requests <= 0 or since is None or self.time_scale <= 0:
+            return 0.0
+        return max(0.0, (now - float(since)) / self.time_scale)
 
     def commit(self, request: Request, decision: Decision, pipeline: Any = None) -> None:
         pipe = pipeline if pipeline is not None else self.client.pipeline(transaction=False)
@@ -159,6 +184,11 @@ class RedisRouterState:
         pipe.hincrby(keys.load(self.prefix), decision.worker, 1)
         pipe.hincrby(keys.load_tokens(self.prefix), decision.worker, decision.load_tokens)
         pipe.hincrbyfloat(keys.load_work(self.prefix), decision.worker, decision.estimated_ms)
+        if decision.worker_idle:
+            pipe.hset(keys.load_since(self.prefix), decision.worker, _wall_ms())
+        pipe.hincrby(keys.output_stats(self.prefix), "routed", 1)
+        if request.max_tokens is not None:
+            pipe.hincrby(keys.output_stats(self.prefix), "declared", 1)
         if pipeline is None:
             pipe.execute()
 
@@ -175,6 +205,7 @@ class RedisRouterState:
         pipe.hincrby(keys.load(self.prefix), worker, -1)
         pipe.hincrby(keys.load_tokens(self.prefix), worker, -tokens)
         pipe.hincrbyfloat(keys.load_work(self.prefix), worker, -estimated_ms)
+        pipe.hset(keys.load_since(self.prefix), worker, _wall_ms())
         if used_blocks is not None:
             pipe.hset(keys.usage(self.prefix), worker, used_blocks)
         if output_tokens is not None:
@@ -192,10 +223,20 @@ class RedisRouterState:
             keys.load(self.prefix),
             keys.load_tokens(self.prefix),
             keys.load_work(self.prefix),
+            keys.load_since(self.prefix),
         ):
             pipe.hdel(key, worker)
         if pipeline is None:
             pipe.execute()
+
+
+def _wall_ms() -> float:
+    return time.time() * 1000.0
+
+
+def _declared_share(stats: dict[str, str]) -> float | None:
+    routed = int(stats.get("routed", 0))
+    return int(stats.get("declared", 0)) / routed if routed > 0 else None
 
 
 def _mean_output(stats: dict[str, str]) -> float | None:
@@ -221,14 +262,18 @@ class InMemoryRouterState:
         self.work_ms = dict.fromkeys(self.workers, 0.0)
         self.used_blocks = dict.fromkeys(self.workers, 0)
         self.capacity_blocks = dict.fromkeys(self.workers, 0)
+        self.busy_since = dict.fromkeys(self.workers, 0.0)  # see RedisRouterState
         self._output_tokens = 0
         self._completed = 0
+        self._routed = 0
+        self._declared = 0
         self._ticket = 0
 
     def view(self, request: Request, take_ticket: bool) -> RouterView:
         if take_ticket:
             self._ticket += 1
         matches = self.index.match(request.block_hashes)
+        now = self.clock()
         loads = {
             w: WorkerLoad(
                 self.requests[w],
@@ -236,6 +281,7 @@ class InMemoryRouterState:
                 max(0.0, self.work_ms[w]),
                 self.used_blocks[w],
                 self.capacity_blocks[w],
+                max(0.0, now - self.busy_since[w]) if self.requests[w] > 0 else 0.0,
             )
             for w in self.workers
         }
@@ -246,12 +292,17 @@ class InMemoryRouterState:
             loads,
             self._ticket,
             mean_output,
+            self._declared / self._routed if self._routed else None,
         )
 
     def commit(self, request: Request, decision: Decision, pipeline: Any = None) -> None:
         new_blocks = request.block_hashes[decision.matched_blocks :]
         self.index.mark_pending(decision.worker, new_blocks, self.pending_ttl_ms)
+        if self.requests[decision.worker] == 0:  # Redis relies on decision.worker_idle
+            self.busy_since[decision.worker] = self.clock()
         self.requests[decision.worker] += 1
+        self._routed += 1
+        self._declared += request.max_tokens is not None
         self.tokens[decision.worker] += decision.load_tokens
         self.work_ms[decision.worker] += decision.estimated_ms
 
@@ -267,6 +318,7 @@ class InMemoryRouterState:
         self.requests[worker] -= 1
         self.tokens[worker] -= tokens
         self.work_ms[worker] -= estimated_ms
+        self.busy_since[worker] = self.clock()
         if used_blocks is not None:
             self.used_blocks[worker] = used_blocks
         if output_tokens is not None:
@@ -276,6 +328,7 @@ class InMemoryRouterState:
     def register_capacity(self, worker: str, capacity_blocks: int, pipeline: Any = None) -> None:
         self.capacity_blocks[worker] = capacity_blocks
         self.used_blocks[worker] = 0
+        self.busy_since[worker] = 0.0
 
     def apply_events(self, worker: str, events: Sequence[CacheEvent]) -> None:
         apply_events(self.index, worker, events)

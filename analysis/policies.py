@@ -1,0 +1,18 @@
+"""Run every routing policy on the evaluation suite and write docs/policies.md.
+
+    python analysis/policies.py [--jobs 2] [--policies ...] [--workloads ...]
+
+The same as `kvqueue evaluate` (flags and all); the logic lives in `kvqueue.evaluation`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kvqueue.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["evaluate", *sys.argv[1:]]))
