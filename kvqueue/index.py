@@ -95,16 +95,13 @@ class InMemoryIndex:
 
     def mark_pending(self, worker: str, block_hashes: Sequence[BlockHash], ttl_ms: float) -> None:
         expires = self._clock() + ttl_ms
-        holders = self._holders
         all_pending = self._pending
-        empty: frozenset[str] = frozenset()
         for block_hash in block_hashes:
-            if worker not in holders.get(block_hash, empty):
-                pending = all_pending.get(block_hash)
-                if pending is None:
-                    all_pending[block_hash] = {worker: expires}
-                else:
-                    pending[worker] = expires
+            pending = all_pending.get(block_hash)
+            if pending is None:
+                all_pending[block_hash] = {worker: expires}
+            else:
+                pending[worker] = expires
 
     def _holding(self, block_hash: BlockHash, now: float) -> set[str]:
         holding = set(self._holders.get(block_hash, ()))

@@ -59,7 +59,13 @@ class Producer:
         self.run_id = run_id or new_run_id()
         self.prefix = settings.key_prefix
         self.router = Router(
-            RedisRouterState(client, self.prefix, settings.heartbeat_ttl_s, settings.pending_ttl_s),
+            RedisRouterState(
+                client,
+                self.prefix,
+                settings.heartbeat_ttl_s,
+                settings.pending_ttl_s,
+                time_scale=settings.time_scale,
+            ),
             make_policy(self.strategy),
             settings.latency_model(),
         )

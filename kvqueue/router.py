@@ -179,8 +179,11 @@ class RedisRouterState:
 
     def commit(self, request: Request, decision: Decision, pipeline: Any = None) -> None:
         pipe = pipeline if pipeline is not None else self.client.pipeline(transaction=False)
-        new_blocks = request.block_hashes[decision.matched_blocks :]
-        self.index.mark_pending(decision.worker, new_blocks, self.pending_ttl_ms, pipeline=pipe)
+        # The whole chain, hits included: if the worker evicts a hit before this request runs,
+        # the request stores it again, and the worker's holdings stay prefix-closed.
+        self.index.mark_pending(
+            decision.worker, request.block_hashes, self.pending_ttl_ms, pipeline=pipe
+        )
         pipe.hincrby(keys.load(self.prefix), decision.worker, 1)
         pipe.hincrby(keys.load_tokens(self.prefix), decision.worker, decision.load_tokens)
         pipe.hincrbyfloat(keys.load_work(self.prefix), decision.worker, decision.estimated_ms)
@@ -296,8 +299,7 @@ class InMemoryRouterState:
         )
 
     def commit(self, request: Request, decision: Decision, pipeline: Any = None) -> None:
-        new_blocks = request.block_hashes[decision.matched_blocks :]
-        self.index.mark_pending(decision.worker, new_blocks, self.pending_ttl_ms)
+        self.index.mark_pending(decision.worker, request.block_hashes, self.pending_ttl_ms)
         if self.requests[decision.worker] == 0:  # Redis relies on decision.worker_idle
             self.busy_since[decision.worker] = self.clock()
         self.requests[decision.worker] += 1

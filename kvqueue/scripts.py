@@ -97,10 +97,8 @@ local prefix, worker = ARGV[1], ARGV[2]
 local expires = now + tonumber(ARGV[3])
 for i = 4, #ARGV do
   local node = prefix .. 'node:' .. ARGV[i]
-  if redis.call('HEXISTS', node, 'w:' .. worker) == 0 then
-    redis.call('HSET', node, 'p:' .. worker, expires)
-    drop_if_orphan(node, now)
-  end
+  redis.call('HSET', node, 'p:' .. worker, expires)
+  drop_if_orphan(node, now)
 end
 return expires
 """

@@ -286,12 +286,29 @@ def test_a_stored_block_replaces_its_pending_mark(backend: Backend, make_hashes)
     assert index.cached_by("worker-0") == set(kept) | {evicted[0]}
 
 
-def test_a_pending_mark_on_a_block_already_stored_is_ignored(backend: Backend, make_hashes) -> None:
+def test_a_pending_mark_keeps_a_routed_chain_prefix_closed_when_its_hits_are_evicted(
+    backend: Backend, make_hashes
+) -> None:
+    # A request routed to worker-0 matched "sys" there; the router marks its whole chain.
+    # If worker-0 evicts "sys" before the request runs, the request will store it again:
+    # until then the chain still counts as held, with no gap in front of the pending "q1".
     index = backend.index
     chain = make_hashes("sys", "q1")
-    index.add("worker-0", chain)
+    index.add("worker-0", chain[:1])
 
     index.mark_pending("worker-0", chain, 10_000)
+    index.remove("worker-0", chain[:1])
+
+    assert index.match(chain) == {"worker-0": 2}
+    assert index.cached_by("worker-0") == set()
+
+
+def test_a_stored_event_ends_the_pending_mark_of_its_blocks(backend: Backend, make_hashes) -> None:
+    index = backend.index
+    chain = make_hashes("sys", "q1")
+    index.mark_pending("worker-0", chain, 10_000)
+    index.add("worker-0", chain)
+
     index.remove("worker-0", chain)
 
     assert index.match(chain) == {}
