@@ -35,6 +35,7 @@ REPO_ROOT = TESTS_DIR.parent
 INDEX_DB = 9  # test_index, test_router: a unique key prefix per test, never flushed
 E2E_DB = 10  # test_pipeline_e2e: flushed before every cluster
 FAULTS_DB = 7  # test_faults: flushed before every test
+PARITY_DB = 6  # test_parity: flushed before every cluster
 
 
 def real_redis_url(base_url: str, db: int) -> str:
