@@ -9,12 +9,14 @@ from typing import Any
 import redis
 from tqdm import tqdm
 
+from kvqueue import keys
 from kvqueue.config import Settings
 from kvqueue.metrics import summarize
 from kvqueue.producer import Producer, SentRun
 from kvqueue.request import Request
 from kvqueue.results import RequestResult
 from kvqueue.runs import read_results, wait_for_results
+from kvqueue.traces import fits_report
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,3 +91,31 @@ def format_summary(summary: dict[str, Any]) -> str:
         + ", ".join(f"{w} {row['requests']}" for w, row in summary["per_worker"].items()),
     ]
     return "\n".join(lines)
+
+
+def fit_warning(
+    client: redis.Redis, settings: Settings, requests: Sequence[Request], workers: Sequence[str]
+) -> str | None:
+    """A warning naming the requests the live workers' GPUs can never serve, or None.
+
+    Uses the smallest capacity and context the workers registered (`kvq:worker:<w>:info`);
+    those requests are still sent and end as `rejected` results with the reason.
+    """
+    infos = [client.hgetall(keys.worker_info(w, settings.key_prefix)) for w in workers]
+    limits = [
+        (int(info[b"capacity_blocks"]), int(info[b"max_context_tokens"]), info[b"preset"].decode())
+        for info in infos
+        if b"capacity_blocks" in info and b"max_context_tokens" in info
+    ]
+    if not limits:
+        return None
+    num_blocks, max_context, preset = min(limits)
+    fit = fits_report(requests, max_context, num_blocks)
+    if not fit.num_unfit:
+        return None
+    examples = "; ".join(f"{rid}: {reason}" for rid, reason in fit.examples[:2])
+    return (
+        f"{fit.num_unfit:,} of {fit.num_requests:,} requests cannot fit {preset} "
+        f"({num_blocks:,} blocks, {max_context:,}-token context) and will end as rejected; "
+        f"e.g. {examples}"
+    )

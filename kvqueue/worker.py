@@ -149,6 +149,7 @@ class GpuRuntime:
             mapping={
                 "preset": self.gpu.preset.name,
                 "capacity_blocks": cache.num_blocks,
+                "max_context_tokens": self.gpu.preset.max_context_tokens,
                 "used_blocks": cache.num_used_slots,
                 "cached_blocks": cache.num_cached_blocks,
                 "evictions": cache.stats.num_evictions,

@@ -18,8 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvqueue.config import Settings
 from kvqueue.connection import connect
 from kvqueue.errors import KVQueueError
-from kvqueue.live import format_summary, run_live
+from kvqueue.live import fit_warning, format_summary, run_live
 from kvqueue.policies import policy_names
+from kvqueue.producer import Producer
 from kvqueue.workload_options import add_workload_arguments, build_requests
 
 
@@ -44,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         requests, meta = build_requests(args, settings.hash_seed, settings.tokenizer)
         client = connect(settings.redis_url)
+        workers = Producer(client, settings).require_workers()
+        warning = fit_warning(client, settings, requests, workers)
+        if warning:
+            print(f"send.py: {warning}", file=sys.stderr)
         run = run_live(
             client, settings, requests, settings.strategy, args.run_id, args.wait, meta,
             progress=not args.json, timeout_s=args.timeout,
