@@ -347,35 +347,20 @@ def run_strategies(
     run); where fork is unavailable they run serially.
     """
     check_strategies(strategies)
-    preset = preset or get_preset()
+    run_kwargs: dict[str, Any] = {
+        "num_workers": num_workers,
+        "preset": preset or get_preset(),
+        "latency": latency,
+        "oracle": oracle,
+        "run_id": run_id,
+        "pending_ttl_ms": pending_ttl_ms,
+    }
     jobs = min(jobs, len(strategies))
     if jobs <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         return {
-            name: simulate(
-                requests,
-                name,
-                num_workers,
-                preset,
-                latency,
-                oracle,
-                run_id,
-                pending_ttl_ms,
-                progress,
-            )
-            for name in strategies
+            name: simulate(requests, name, progress=progress, **run_kwargs) for name in strategies
         }
-    return _run_forked(
-        requests,
-        strategies,
-        num_workers,
-        preset,
-        latency,
-        oracle,
-        run_id,
-        pending_ttl_ms,
-        progress,
-        jobs,
-    )
+    return _run_forked(requests, strategies, run_kwargs, progress, jobs)
 
 
 # State handed to forked children by inheritance (fork copies it; nothing is pickled but the
@@ -399,30 +384,15 @@ def _simulate_in_child(position: int, strategy: str) -> list[RequestResult]:
 def _run_forked(
     requests: Sequence[Request],
     strategies: Sequence[str],
-    num_workers: int,
-    preset: Preset,
-    latency: LatencyModel | None,
-    oracle: DecodeLengthOracle | None,
-    run_id: str,
-    pending_ttl_ms: float,
+    run_kwargs: dict[str, Any],
     progress: ProgressCallback | None,
     jobs: int,
 ) -> dict[str, list[RequestResult]]:
+    """`simulate(requests, strategy, **run_kwargs)` per strategy, in `jobs` forked processes."""
     global _FORK_STATE
     context = multiprocessing.get_context("fork")
     counters = [context.Value("q", 0) for _ in strategies]
-    _FORK_STATE = {
-        "requests": requests,
-        "counters": counters,
-        "kwargs": {
-            "num_workers": num_workers,
-            "preset": preset,
-            "latency": latency,
-            "oracle": oracle,
-            "run_id": run_id,
-            "pending_ttl_ms": pending_ttl_ms,
-        },
-    }
+    _FORK_STATE = {"requests": requests, "counters": counters, "kwargs": run_kwargs}
     try:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
             futures = [
