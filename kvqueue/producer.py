@@ -13,7 +13,6 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import orjson
 import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
@@ -26,7 +25,7 @@ from kvqueue.policies import make_policy, worker_order
 from kvqueue.request import Request
 from kvqueue.results import RequestResult, RequestStatus
 from kvqueue.router import START_WORKER_HINT, RedisRouterState, Router
-from kvqueue.runs import write_run_meta
+from kvqueue.runs import append_result, write_run_meta
 from kvqueue.worker import JOB_FUNCTION, JobContext
 
 JOB_RESULT_TTL_S = 3600
@@ -170,7 +169,5 @@ class Producer:
                 num_prompt_tokens=request.num_prompt_tokens,
                 num_blocks=request.num_blocks,
             )
-            pipe.xadd(
-                keys.results(self.run_id, self.prefix), {"result": orjson.dumps(result.to_dict())}
-            )
+            append_result(pipe, result, self.prefix)
         pipe.execute()

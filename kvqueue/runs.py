@@ -28,6 +28,20 @@ def read_run_meta(
     return {k.decode(): orjson.loads(v) for k, v in raw.items()}
 
 
+RESULTS_STREAM_MAXLEN = 1_000_000
+
+
+def append_result(pipe: Any, result: RequestResult, prefix: str = keys.DEFAULT_PREFIX) -> None:
+    """Queue the XADD of `result` to its run's stream on `pipe` (the one encoding `read_results`
+    decodes)."""
+    pipe.xadd(
+        keys.results(result.run_id, prefix),
+        {"result": orjson.dumps(result.to_dict())},
+        maxlen=RESULTS_STREAM_MAXLEN,
+        approximate=True,
+    )
+
+
 def read_results(
     client: redis.Redis, run_id: str, prefix: str = keys.DEFAULT_PREFIX, after: str = "-"
 ) -> tuple[list[RequestResult], str]:

@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 import redis
 from rq import SimpleWorker, get_current_job
 from rq.serializers import JSONSerializer
@@ -36,11 +35,11 @@ from kvqueue.redis_index import RedisIndex
 from kvqueue.request import Request
 from kvqueue.results import RequestResult, RequestStatus
 from kvqueue.router import RedisRouterState
+from kvqueue.runs import append_result
 
 log = logging.getLogger(__name__)
 
 JOB_FUNCTION = "kvqueue.worker.serve_request"
-RESULTS_STREAM_MAXLEN = 1_000_000
 FORKED_WORKER_MESSAGE = (
     "this job ran outside a KV worker process: RQ's default worker forks per job and would "
     "simulate every request on a fresh, empty KV cache. Start the worker with "
@@ -200,12 +199,7 @@ class GpuRuntime:
     def publish_result(self, context: JobContext, result: RequestResult) -> None:
         """Append the result to the run's stream and lower this worker's load, atomically."""
         pipe = self.client.pipeline(transaction=True)
-        pipe.xadd(
-            keys.results(context.run_id, self.prefix),
-            {"result": orjson.dumps(result.to_dict())},
-            maxlen=RESULTS_STREAM_MAXLEN,
-            approximate=True,
-        )
+        append_result(pipe, result, self.prefix)
         completed = result.status is RequestStatus.COMPLETED
         self.loads.complete(
             self.name,
@@ -301,10 +295,7 @@ def _publish_orphan_failure(
         reason=reason,
     )
     pipe = client.pipeline(transaction=True)
-    pipe.xadd(
-        keys.results(context.run_id, settings.key_prefix),
-        {"result": orjson.dumps(result.to_dict())},
-    )
+    append_result(pipe, result, settings.key_prefix)
     RedisRouterState(client, settings.key_prefix).complete(
         queue, context.load_tokens, context.estimated_ms, pipeline=pipe
     )
