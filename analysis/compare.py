@@ -10,7 +10,7 @@ unset, an embedded redis-server. Fresh `rq worker -w workers.KVWorker` processes
 strategy (--preset/--num-blocks reach them as KVQ_PRESET/KVQ_NUM_BLOCKS). Writes
 dashboard_results.json, results_<strategy>.jsonl and the PNG plots to --out (default
 runs/compare-<time>) and prints the table. Arrivals follow the workload flags: as fast as
-possible unless --rate (Poisson) or a trace's timestamps. See `kvqueue.compare`.
+possible unless --rate (Poisson) or a trace's timestamps. See `kvqueue.live.comparison`.
 """
 
 from __future__ import annotations

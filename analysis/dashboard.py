@@ -7,7 +7,7 @@ DIR/dashboard_results.json (``ideal_hit_rate`` and, per strategy, ``hit_rate``, 
 and ``e2e_ms`` {mean, p50, p90, p99}, ``completed``, ``rejected``, ``failed``,
 ``per_worker``, ...) and DIR/results_<strategy>.jsonl. The ideal hit rate needs the
 requests: they are rebuilt from the run metadata, or from the workload flags given here
-(the same flags the run was sent with); see `kvqueue.compare`.
+(the same flags the run was sent with); see `kvqueue.report.stored_runs`.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kvqueue.compare import dashboard_from_runs
 from kvqueue.config import Settings
-from kvqueue.connection import connect
-from kvqueue.dashboard import format_table, write_run
 from kvqueue.errors import KVQueueError
-from kvqueue.workload_options import add_workload_arguments, build_requests
+from kvqueue.live.connection import connect
+from kvqueue.report.dashboard import format_table, write_run
+from kvqueue.report.stored_runs import dashboard_from_runs
+from kvqueue.workloads.options import add_workload_arguments, build_requests
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(loaded.dashboard), file=out)
     print(f"\nwrote {path} and results_<strategy>.jsonl in {args.out}", file=out)
     if args.plots:
-        from kvqueue.plots import write_plots
+        from kvqueue.report.plots import write_plots
 
         for plot in write_plots(args.out, loaded.dashboard, loaded.results_by_strategy):
             print(f"      {plot}", file=out)

@@ -3,7 +3,7 @@
     python analysis/plots.py --run kvqueue-demo
 
 Writes hit_rate.png, ttft_cdf.png, e2e_cdf.png, per_worker.png and cache_over_time.png into
-the run directory (see `kvqueue.plots`).
+the run directory (see `kvqueue.report.plots`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kvqueue.dashboard import DASHBOARD_FILE
-from kvqueue.plots import plot_run
+from kvqueue.report.dashboard import DASHBOARD_FILE
+from kvqueue.report.plots import plot_run
 
 
 def main(argv: list[str] | None = None) -> int:

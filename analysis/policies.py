@@ -2,7 +2,7 @@
 
     python analysis/policies.py [--jobs 2] [--policies ...] [--workloads ...]
 
-The same as `kvqueue evaluate` (flags and all); the logic lives in `kvqueue.evaluation`.
+The same as `kvqueue evaluate` (flags and all); the logic lives in `kvqueue.report.evaluation`.
 """
 
 from __future__ import annotations

@@ -28,10 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
-from kvqueue.cache import Allocation, BlockCache
 from kvqueue.errors import CacheFullError, RequestRejected
-from kvqueue.hashing import BLOCK_SIZE, BlockHash, chain, hash_token_blocks
-from kvqueue.presets import get_preset
+from kvqueue.gpu.cache import Allocation, BlockCache
+from kvqueue.gpu.hashing import BLOCK_SIZE, BlockHash, chain, hash_token_blocks
+from kvqueue.gpu.presets import get_preset
 
 
 @dataclass(frozen=True, slots=True)

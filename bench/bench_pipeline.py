@@ -59,13 +59,14 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from kvqueue import keys
-from kvqueue.cluster import LocalCluster
 from kvqueue.config import Settings
-from kvqueue.connection import connect, redact
-from kvqueue.live import run_live
-from kvqueue.request import Request
-from kvqueue.results import RequestResult, RequestStatus
-from kvqueue.workloads import WORKLOADS, make_workload
+from kvqueue.gpu.request import Request
+from kvqueue.gpu.results import RequestResult, RequestStatus
+from kvqueue.live.cluster import LocalCluster
+from kvqueue.live.connection import connect, redact
+from kvqueue.live.run import run_live
+from kvqueue.report.run_summary import run_summary
+from kvqueue.workloads.synthetic import WORKLOADS, make_workload
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/11"
 BENCH_PREFIX = keys.DEFAULT_PREFIX  # the db is dedicated: real key sizes
@@ -201,7 +202,7 @@ def measure_pipeline(
         order = list(run.sent.job_ids)
         sleeps = [_service_ms(by_request.get(r)) * scale / 1e3 for r in order]
         times = job_times(client, [run.sent.job_ids[r] for r in order], sleeps)
-    summary = run.summary()
+    summary = run_summary(run)
     return Row(
         f"kvqueue, {strategy}",
         num_workers,

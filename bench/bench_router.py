@@ -56,13 +56,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain
 import redis
 
 from kvqueue import keys
-from kvqueue.connection import connect, redact
-from kvqueue.hashing import BLOCK_SIZE, BlockHash, to_hex
-from kvqueue.index import InMemoryIndex
-from kvqueue.policies import make_policy
-from kvqueue.redis_index import RedisIndex
-from kvqueue.request import make_request
-from kvqueue.router import RedisRouterState, Router
+from kvqueue.gpu.hashing import BLOCK_SIZE, BlockHash, to_hex
+from kvqueue.gpu.request import make_request
+from kvqueue.live.connection import connect, redact
+from kvqueue.routing.index import InMemoryIndex
+from kvqueue.routing.policies.base import make_policy
+from kvqueue.routing.redis_index import RedisIndex
+from kvqueue.routing.router import Router
+from kvqueue.routing.state import RedisRouterState
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/11"
 BENCH_PREFIX = keys.DEFAULT_PREFIX  # the db is dedicated: real key sizes

@@ -36,14 +36,14 @@ from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
-from kvqueue.cache import BlockCache
 from kvqueue.errors import RequestRejected
-from kvqueue.metrics import hit_rates, ideal_hit_rate
-from kvqueue.presets import get_preset
-from kvqueue.request import Request
-from kvqueue.results import RequestResult, RequestStatus
-from kvqueue.simulator import DEFAULT_STRATEGIES, simulate
-from kvqueue.traces import read_mooncake
+from kvqueue.gpu.cache import BlockCache
+from kvqueue.gpu.presets import get_preset
+from kvqueue.gpu.request import Request
+from kvqueue.gpu.results import RequestResult, RequestStatus
+from kvqueue.report.metrics import hit_rates, ideal_hit_rate
+from kvqueue.sim.simulation import DEFAULT_STRATEGIES, simulate
+from kvqueue.workloads.traces import read_mooncake
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRACE = REPO_ROOT.parent / "shared" / "data" / "mooncake_fast25_synthetic_trace.jsonl"

@@ -29,8 +29,8 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from kvqueue.errors import ConfigError
-from kvqueue.latency import LatencyModel
-from kvqueue.presets import DEFAULT_PRESET, Preset, get_preset
+from kvqueue.gpu.latency import LatencyModel
+from kvqueue.gpu.presets import DEFAULT_PRESET, Preset, get_preset
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 

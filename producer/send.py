@@ -16,12 +16,13 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvqueue.config import Settings
-from kvqueue.connection import connect
 from kvqueue.errors import KVQueueError
-from kvqueue.live import fit_warning, format_summary, run_live
-from kvqueue.policies import policy_names
-from kvqueue.producer import Producer
-from kvqueue.workload_options import add_workload_arguments, build_requests
+from kvqueue.live.connection import connect
+from kvqueue.live.producer import Producer
+from kvqueue.live.run import fit_warning, run_live
+from kvqueue.report.run_summary import format_summary, run_summary
+from kvqueue.routing.policies.base import policy_names
+from kvqueue.workloads.options import add_workload_arguments, build_requests
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.wait:
         print(f"run {run.sent.run_id}: sent {len(run.sent.job_ids)} requests")
         return 0
-    summary = run.summary()
+    summary = run_summary(run)
     print(orjson.dumps(summary).decode() if args.json else format_summary(summary))
     return 0
 

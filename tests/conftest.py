@@ -25,13 +25,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from kvqueue.hashing import (  # noqa: E402
+from kvqueue.gpu.hashing import (  # noqa: E402
     BLOCK_SIZE,
     DEFAULT_HASH_SEED,
     BlockHash,
     hash_token_blocks,
 )
-from kvqueue.request import Request  # noqa: E402
+from kvqueue.gpu.request import Request  # noqa: E402
 
 DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
 
@@ -123,7 +123,7 @@ def real_redis_base_url() -> Iterator[str]:
     if configured or _answers(DEFAULT_TEST_REDIS_URL):
         yield configured or DEFAULT_TEST_REDIS_URL
         return
-    from kvqueue.embedded import EmbeddedRedis
+    from kvqueue.live.embedded import EmbeddedRedis
 
     with EmbeddedRedis() as server:
         yield server.url

@@ -26,8 +26,8 @@ from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
 from kvqueue import keys
-from kvqueue.cluster import LocalCluster
-from kvqueue.events import CacheEvent, decode_event
+from kvqueue.gpu.events import CacheEvent, decode_event
+from kvqueue.live.cluster import LocalCluster
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent

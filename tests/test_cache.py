@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from kvqueue.cache import Allocation, BlockCache
 from kvqueue.errors import CacheFullError, ConfigError, RequestRejected
-from kvqueue.events import BlocksRemoved, BlocksStored
-from kvqueue.hashing import BlockHash
+from kvqueue.gpu.cache import Allocation, BlockCache
+from kvqueue.gpu.events import BlocksRemoved, BlocksStored
+from kvqueue.gpu.hashing import BlockHash
 
 
 def serve(cache: BlockCache, hashes: list[BlockHash], num_anonymous: int = 0) -> Allocation:

@@ -14,10 +14,10 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvqueue.cache import Allocation, BlockCache
 from kvqueue.errors import CacheFullError, RequestRejected
-from kvqueue.events import BlocksRemoved, CacheEvent, replay
-from kvqueue.hashing import BlockHash, hash_token_blocks
+from kvqueue.gpu.cache import Allocation, BlockCache
+from kvqueue.gpu.events import BlocksRemoved, CacheEvent, replay
+from kvqueue.gpu.hashing import BlockHash, hash_token_blocks
 
 MAX_RUNNING = 3
 

@@ -33,18 +33,14 @@ from rq.serializers import JSONSerializer
 
 from kvqueue import keys
 from kvqueue.commands.demo import apply_demo_defaults, parse_strategies
-from kvqueue.compare import (
-    check_redis_is_free,
-    clear_routing_state,
-    drop_queued_jobs,
-    rebuild_requests,
-)
-from kvqueue.dashboard import DASHBOARD_FILE
 from kvqueue.errors import KVQueueError
-from kvqueue.metrics import ideal_hit_rate
-from kvqueue.plots import PLOT_FILES
-from kvqueue.results import RequestResult, RequestStatus
-from kvqueue.workloads import make_workload
+from kvqueue.gpu.results import RequestResult, RequestStatus
+from kvqueue.live.hygiene import check_redis_is_free, clear_routing_state, drop_queued_jobs
+from kvqueue.report.dashboard import DASHBOARD_FILE
+from kvqueue.report.metrics import ideal_hit_rate
+from kvqueue.report.plots import PLOT_FILES
+from kvqueue.workloads.recorded import rebuild_requests
+from kvqueue.workloads.synthetic import make_workload
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD_CMD = (sys.executable, str(REPO_ROOT / "analysis" / "dashboard.py"))

@@ -6,7 +6,7 @@ import pytest
 
 from kvqueue.config import ENV_TO_FIELD, Settings
 from kvqueue.errors import ConfigError
-from kvqueue.latency import LatencyModel
+from kvqueue.gpu.latency import LatencyModel
 
 ENV_EXAMPLES = {
     "REDIS_URL": ("redis://cache.internal:6380/2", "redis://cache.internal:6380/2"),

@@ -5,7 +5,9 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from kvqueue.dashboard import (
+from kvqueue.gpu.request import Request
+from kvqueue.gpu.results import RequestResult, RequestStatus
+from kvqueue.report.dashboard import (
     DASHBOARD_FILE,
     build_dashboard,
     format_table,
@@ -13,8 +15,6 @@ from kvqueue.dashboard import (
     load_run,
     write_run,
 )
-from kvqueue.request import Request
-from kvqueue.results import RequestResult, RequestStatus
 
 WORKERS = ["worker-0", "worker-1"]
 

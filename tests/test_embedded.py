@@ -7,12 +7,12 @@ import shutil
 import pytest
 import redis
 
-from kvqueue import embedded
-from kvqueue.cluster import LocalCluster
 from kvqueue.config import Settings
-from kvqueue.live import run_live
-from kvqueue.results import RequestStatus
-from kvqueue.workloads import make_workload
+from kvqueue.gpu.results import RequestStatus
+from kvqueue.live import embedded
+from kvqueue.live.cluster import LocalCluster
+from kvqueue.live.run import run_live
+from kvqueue.workloads.synthetic import make_workload
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import orjson
 import pytest
 
 from kvqueue import keys
-from kvqueue.cache import BlockCache
-from kvqueue.events import (
+from kvqueue.gpu.cache import BlockCache
+from kvqueue.gpu.events import (
     AllBlocksCleared,
     BlocksRemoved,
     BlocksStored,

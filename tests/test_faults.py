@@ -32,13 +32,14 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from kvqueue.config import Settings
-from kvqueue.connection import RedisUnavailable, connect
-from kvqueue.live import run_live
-from kvqueue.policies import policy_names
-from kvqueue.producer import Producer
-from kvqueue.results import RequestStatus
-from kvqueue.runs import read_results, wait_for_results
-from kvqueue.worker import FORKED_WORKER_MESSAGE
+from kvqueue.gpu.results import RequestStatus
+from kvqueue.live.connection import RedisUnavailable, connect
+from kvqueue.live.producer import Producer
+from kvqueue.live.run import run_live
+from kvqueue.live.runs import read_results, wait_for_results
+from kvqueue.live.worker import FORKED_WORKER_MESSAGE
+from kvqueue.report.run_summary import run_summary
+from kvqueue.routing.policies.base import policy_names
 
 PREFIX = "kvqfault:"
 SEND_PY = str(REPO_ROOT / "producer" / "send.py")
@@ -167,7 +168,7 @@ def test_prompts_over_the_context_or_the_cache_are_rejected_with_the_reason_and_
         "llama-2-13b@a100-40gb"
     )
     assert by_id["over-cache"].reason == "request needs 71 KV blocks; the cache holds 64"
-    summary = run.summary()
+    summary = run_summary(run)
     assert (summary["completed"], summary["rejected"], summary["failed"]) == (4, 2, 0)
     loads = load_hashes(faults.client, PREFIX, workers)
     assert loads["requests"] == loads["tokens"] == dict.fromkeys(workers, 0)

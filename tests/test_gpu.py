@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from kvqueue.errors import RequestRejected
-from kvqueue.gpu import SimulatedGpu
-from kvqueue.latency import LatencyModel
-from kvqueue.presets import get_preset
-from kvqueue.request import Request
+from kvqueue.gpu.latency import LatencyModel
+from kvqueue.gpu.presets import get_preset
+from kvqueue.gpu.request import Request
+from kvqueue.gpu.simulated_gpu import SimulatedGpu
 
 
 class FixedOracle:

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvqueue.hashing import (
+from kvqueue.gpu.hashing import (
     BLOCK_SIZE,
     DEFAULT_HASH_SEED,
     chain,
@@ -127,7 +127,7 @@ def test_seed_changes_every_hash_and_is_deterministic():
 
 _SUBPROCESS_HASHER = """
 import json, sys
-from kvqueue.hashing import hash_token_blocks
+from kvqueue.gpu.hashing import hash_token_blocks
 spec = json.loads(sys.argv[1])
 print(json.dumps([h.hex() for h in hash_token_blocks(
     spec["tokens"], seed=spec["seed"], extra_keys=spec["extra_keys"])]))

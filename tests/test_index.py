@@ -19,11 +19,11 @@ import redis
 from live_support import INDEX_DB, connect_or_fail, delete_matching, real_redis_url, unique_prefix
 
 from kvqueue import keys
-from kvqueue.cache import BlockCache
-from kvqueue.events import decode_event, replay
-from kvqueue.hashing import BlockHash
-from kvqueue.index import InMemoryIndex, PrefixIndex, apply_events
-from kvqueue.redis_index import RedisIndex
+from kvqueue.gpu.cache import BlockCache
+from kvqueue.gpu.events import decode_event, replay
+from kvqueue.gpu.hashing import BlockHash
+from kvqueue.routing.index import InMemoryIndex, PrefixIndex, apply_events
+from kvqueue.routing.redis_index import RedisIndex
 
 PENDING_TTL_MS = 100.0
 REAL_REDIS = pytest.param("redis", marks=pytest.mark.redis)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvqueue.errors import ConfigError
-from kvqueue.latency import LatencyModel, end_to_end_ms, ttft_ms
+from kvqueue.gpu.latency import LatencyModel, end_to_end_ms, ttft_ms
 
 
 @pytest.mark.parametrize(("blocks", "expected_ms"), [(0, 5.0), (1, 7.5), (10, 30.0), (924, 2315.0)])

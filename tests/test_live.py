@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kvqueue import keys
 from kvqueue.config import Settings
-from kvqueue.live import fit_warning
+from kvqueue.live.run import fit_warning
 
 
 def register_info(client, worker: str, capacity: int, context: int) -> None:

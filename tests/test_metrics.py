@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvqueue.hashing import BlockHash
-from kvqueue.metrics import ideal_hit_rate, imbalance, latency_stats, summarize
-from kvqueue.request import make_request
-from kvqueue.results import RequestResult, RequestStatus
+from kvqueue.gpu.hashing import BlockHash
+from kvqueue.gpu.request import make_request
+from kvqueue.gpu.results import RequestResult, RequestStatus
+from kvqueue.report.metrics import ideal_hit_rate, imbalance, latency_stats, summarize
 
 
 def make_result(request_id: str, worker: str, status: str = "completed", **fields) -> RequestResult:

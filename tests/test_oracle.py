@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from kvqueue.errors import ConfigError
-from kvqueue.hashing import hash_token_blocks
-from kvqueue.oracle import FallbackOracle, TransformersOracle, make_oracle
-from kvqueue.request import Request
+from kvqueue.gpu.hashing import hash_token_blocks
+from kvqueue.gpu.oracle import FallbackOracle, TransformersOracle, make_oracle
+from kvqueue.gpu.request import Request
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def test_missing_model_path_falls_back_with_a_warning_naming_it(
     tmp_path: Path, make_request: MakeRequest, caplog: pytest.LogCaptureFixture
 ) -> None:
     missing = str(tmp_path / "no-such-model")
-    with caplog.at_level(logging.WARNING, logger="kvqueue.oracle"):
+    with caplog.at_level(logging.WARNING, logger="kvqueue.gpu.oracle"):
         oracle = make_oracle(missing, max_new_tokens=64)
     assert isinstance(oracle, FallbackOracle)
     assert oracle.max_new_tokens == 64
@@ -93,7 +93,7 @@ def test_missing_torch_falls_back_with_a_warning_saying_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
-    with caplog.at_level(logging.WARNING, logger="kvqueue.oracle"):
+    with caplog.at_level(logging.WARNING, logger="kvqueue.gpu.oracle"):
         oracle = make_oracle(str(tmp_path))
     assert isinstance(oracle, FallbackOracle)
     assert "needs torch and transformers" in caplog.text
@@ -246,7 +246,7 @@ def test_token_ids_outside_the_model_vocabulary_get_the_fallback(
     tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     oracle = TransformersOracle(str(tiny_model_dir))
-    with caplog.at_level(logging.WARNING, logger="kvqueue.oracle"):
+    with caplog.at_level(logging.WARNING, logger="kvqueue.gpu.oracle"):
         _, source = oracle.decode_length(request_from_tokens([*PROMPT, 100_000]))
     assert source == "fallback:out-of-vocab"
     assert f"{TINY_VOCAB} tokens" in caplog.text

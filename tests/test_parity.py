@@ -22,11 +22,11 @@ import pytest
 from live_support import PARITY_DB, connect_or_fail, real_redis_url, start_cluster
 
 from kvqueue.config import Settings
-from kvqueue.live import run_live
-from kvqueue.request import Request
-from kvqueue.results import RequestResult, RequestStatus
-from kvqueue.simulator import simulate
-from kvqueue.workloads import make_workload
+from kvqueue.gpu.request import Request
+from kvqueue.gpu.results import RequestResult, RequestStatus
+from kvqueue.live.run import run_live
+from kvqueue.sim.simulation import simulate
+from kvqueue.workloads.synthetic import make_workload
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

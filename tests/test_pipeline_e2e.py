@@ -41,15 +41,15 @@ from live_support import (
 )
 
 from kvqueue import keys
-from kvqueue.cluster import LocalCluster
 from kvqueue.config import Settings
-from kvqueue.events import replay
-from kvqueue.live import LiveRun, run_live
-from kvqueue.producer import Producer
-from kvqueue.request import Request
-from kvqueue.results import RequestResult, RequestStatus
-from kvqueue.runs import read_results
-from kvqueue.workloads import SHARED_PREFIX_PRESETS, make_workload
+from kvqueue.gpu.events import replay
+from kvqueue.gpu.request import Request
+from kvqueue.gpu.results import RequestResult, RequestStatus
+from kvqueue.live.cluster import LocalCluster
+from kvqueue.live.producer import Producer
+from kvqueue.live.run import LiveRun, run_live
+from kvqueue.live.runs import read_results
+from kvqueue.workloads.synthetic import SHARED_PREFIX_PRESETS, make_workload
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from kvqueue.dashboard import build_dashboard, write_run
-from kvqueue.plots import PLOT_FILES, strategy_colors, write_plots
-from kvqueue.request import Request, make_request
-from kvqueue.results import RequestResult, RequestStatus
+from kvqueue.gpu.request import Request, make_request
+from kvqueue.gpu.results import RequestResult, RequestStatus
+from kvqueue.report.dashboard import build_dashboard, write_run
+from kvqueue.report.plots import PLOT_FILES, strategy_colors, write_plots
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -19,28 +19,29 @@ import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvqueue import evaluation, keys
-from kvqueue.arrivals import retime
-from kvqueue.cluster import LocalCluster
+from kvqueue import keys
 from kvqueue.config import Settings
 from kvqueue.errors import ConfigError
-from kvqueue.hashing import BlockHash
-from kvqueue.latency import LatencyModel
-from kvqueue.live import run_live
-from kvqueue.policies import POLICIES, RouterView, WorkerLoad, make_policy, policy_names
-from kvqueue.policies_field import (
-    BoundedLoadHashing,
-    DynamoKvRouter,
-    LlmdScorers,
-    PrebleE2,
-    SGLangCacheAware,
-)
-from kvqueue.policies_predictive import PredictiveTtft
-from kvqueue.request import Request, make_request
-from kvqueue.results import RequestStatus
-from kvqueue.router import Decision, InMemoryRouterState, RedisRouterState, Router
-from kvqueue.simulator import Simulation
-from kvqueue.workloads import make_workload, shared_prefix
+from kvqueue.gpu.hashing import BlockHash
+from kvqueue.gpu.latency import LatencyModel
+from kvqueue.gpu.request import Request, make_request
+from kvqueue.gpu.results import RequestStatus
+from kvqueue.live.cluster import LocalCluster
+from kvqueue.live.run import run_live
+from kvqueue.report.evaluation import markdown, runner, suite
+from kvqueue.routing.policies.base import POLICIES, make_policy, policy_names
+from kvqueue.routing.policies.chwbl import BoundedLoadHashing
+from kvqueue.routing.policies.dynamo import DynamoKvRouter
+from kvqueue.routing.policies.llmd import LlmdScorers
+from kvqueue.routing.policies.preble import PrebleE2
+from kvqueue.routing.policies.predictive import PredictiveTtft
+from kvqueue.routing.policies.sglang import SGLangCacheAware
+from kvqueue.routing.router import Decision, Router
+from kvqueue.routing.state import InMemoryRouterState, RedisRouterState
+from kvqueue.routing.view import RouterView, WorkerLoad
+from kvqueue.sim.simulation import Simulation
+from kvqueue.workloads.arrivals import retime
+from kvqueue.workloads.synthetic import make_workload, shared_prefix
 
 NEW_POLICIES = ("sglang", "dynamo", "llmd", "preble", "chwbl", "predictive")
 LATENCY = LatencyModel()  # prefill = 5 + 2.5 × blocks; decode = 15 per token
@@ -489,7 +490,7 @@ def test_redis_state_times_the_request_in_service_in_simulated_ms(
     fake_redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = [1_000_000.0]  # wall ms
-    monkeypatch.setattr("kvqueue.router._wall_ms", lambda: clock[0])
+    monkeypatch.setattr("kvqueue.routing.state._wall_ms", lambda: clock[0])
     fake_redis.zadd(
         keys.workers(), {"worker-0": time.time() * 1000, "worker-1": time.time() * 1000}
     )
@@ -538,9 +539,9 @@ def test_the_simulator_feeds_the_view_every_policy_reads() -> None:
 def test_arrival_rate_is_utilization_times_cold_capacity() -> None:
     # 10 blocks, 20 output tokens: 5 + 2.5 × 10 + 15 × 20 = 330 ms cold.
     requests = [request_of(10, f"r{i}", max_tokens=20) for i in range(3)]
-    assert evaluation.cold_service_ms(requests, LATENCY) == 330.0
+    assert suite.cold_service_ms(requests, LATENCY) == 330.0
     # 4 workers serve 4 / 0.33 s = 12.12 req/s; 80% of that:
-    assert evaluation.arrival_rate(requests, 0.8, 4, LATENCY) == pytest.approx(0.8 * 4 / 0.33)
+    assert suite.arrival_rate(requests, 0.8, 4, LATENCY) == pytest.approx(0.8 * 4 / 0.33)
 
 
 def test_a_trace_is_stretched_to_the_target_rate() -> None:
@@ -548,9 +549,9 @@ def test_a_trace_is_stretched_to_the_target_rate() -> None:
         make_request(f"t{i}", block_hashes(f"t{i}", 10), max_tokens=20, arrival_ms=100.0 * i)
         for i in range(5)
     ]  # 10 req/s of 330 ms requests
-    assert evaluation.natural_rate(requests) == 10.0
-    workload = evaluation.SuiteWorkload("t", "t", "t", lambda: requests, 0.5, "trace")
-    timed, rate, scale = evaluation.timed(workload, requests, LATENCY)
+    assert suite.natural_rate(requests) == 10.0
+    workload = suite.SuiteWorkload("t", "t", "t", lambda: requests, 0.5, "trace")
+    timed, rate, scale = suite.timed(workload, requests, LATENCY)
     assert rate == pytest.approx(0.5 * 4 / 0.33)
     assert scale == pytest.approx(10.0 / rate)
     assert [r.arrival_ms for r in timed] == pytest.approx([100.0 * i * scale for i in range(5)])
@@ -558,23 +559,23 @@ def test_a_trace_is_stretched_to_the_target_rate() -> None:
 
 def test_the_suite_writes_tables_and_a_figure_and_keeps_the_discussion(tmp_path) -> None:
     tiny = [
-        evaluation.SuiteWorkload(
+        suite.SuiteWorkload(
             "sp", "Shared", "tiny", lambda: make_workload("shared-prefix-tiny", seed=2), 0.8,
             "poisson",
         ),
-        evaluation.SuiteWorkload(
+        suite.SuiteWorkload(
             "ns", "None", "tiny", lambda: make_workload("no-sharing", 16, seed=2), 0.8, "poisson"
         ),
     ]  # fmt: skip
-    reports = evaluation.evaluate(tiny, ["predictive", "round_robin"], LATENCY, jobs=1)
+    reports = runner.evaluate(tiny, ["predictive", "round_robin"], LATENCY, jobs=1)
     assert [r.key for r in reports] == ["sp", "ns"]
     assert [row.policy for row in reports[0].rows] == ["predictive", "round_robin"]
     assert reports[0].rows[0].completed == 16 and reports[0].ideal_hit_rate > 0
     out = tmp_path / "policies.md"
-    out.write_text(f"old\n{evaluation.DISCUSSION_START}\nkept words\n{evaluation.DISCUSSION_END}\n")
-    markdown, figure = evaluation.write_report(reports, out, LATENCY, wall_s=1.0, jobs=1)
-    text = markdown.read_text()
-    assert text.splitlines()[3] == evaluation.COMMAND  # in a code block under the title
-    assert text.count(evaluation.TABLE_HEADER.splitlines()[0]) == 2
+    out.write_text(f"old\n{markdown.DISCUSSION_START}\nkept words\n{markdown.DISCUSSION_END}\n")
+    written, figure = markdown.write_report(reports, out, LATENCY, wall_s=1.0, jobs=1)
+    text = written.read_text()
+    assert text.splitlines()[3] == suite.COMMAND  # in a code block under the title
+    assert text.count(markdown.TABLE_HEADER.splitlines()[0]) == 2
     assert "kept words" in text and "old" not in text.splitlines()[0]
     assert figure.name == "policies_p99_vs_hit.png" and figure.stat().st_size > 10_000

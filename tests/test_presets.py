@@ -6,7 +6,7 @@ import pytest
 
 from kvqueue.cli import main as kvqueue_main
 from kvqueue.errors import ConfigError
-from kvqueue.presets import (
+from kvqueue.gpu.presets import (
     DEFAULT_PRESET,
     GIB,
     GPUS,

@@ -22,12 +22,16 @@ from live_support import (
     unique_prefix,
 )
 
-from kvqueue import keys, policies
+from kvqueue import keys
 from kvqueue.errors import NoLiveWorkersError
-from kvqueue.policies import RoundRobin, make_policy, policy_names, register_policy
-from kvqueue.redis_index import RedisIndex
-from kvqueue.request import Request
-from kvqueue.router import START_WORKER_HINT, Decision, RedisRouterState, Router
+from kvqueue.gpu.request import Request
+from kvqueue.routing.policies import base as policy_base
+from kvqueue.routing.policies.base import make_policy, policy_names, register_policy
+from kvqueue.routing.policies.seed import RoundRobin
+from kvqueue.routing.redis_index import RedisIndex
+from kvqueue.routing.router import START_WORKER_HINT, Decision, Router
+from kvqueue.routing.state import RedisRouterState
+from kvqueue.routing.view import RouterView
 
 ISSUE_STRATEGIES = ("cache_aware", "round_robin", "least_loaded")
 
@@ -193,17 +197,17 @@ def test_unknown_strategy_error_lists_every_valid_name() -> None:
 
 
 def test_registering_a_taken_policy_name_raises(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(policies, "POLICIES", dict(policies.POLICIES))
+    monkeypatch.setattr(policy_base, "POLICIES", dict(policy_base.POLICIES))
 
     class Impostor:
         needs_ticket: ClassVar[bool] = False
 
-        def choose(self, request: Request, view: policies.RouterView) -> str:
+        def choose(self, request: Request, view: RouterView) -> str:
             return view.workers[-1]
 
     with pytest.raises(ValueError, match="'round_robin' is already registered by RoundRobin"):
         register_policy("round_robin")(Impostor)
-    assert policies.POLICIES["round_robin"] is RoundRobin
+    assert policy_base.POLICIES["round_robin"] is RoundRobin
 
     register_policy("last_worker")(Impostor)
     assert isinstance(make_policy("last_worker"), Impostor)

@@ -14,13 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from kvqueue.arrivals import retime
 from kvqueue.errors import ConfigError
-from kvqueue.metrics import ideal_hit_rate
-from kvqueue.presets import get_preset
-from kvqueue.results import RequestResult, RequestStatus
-from kvqueue.simulator import Simulation, compare, run_strategies, simulate
-from kvqueue.workloads import make_workload
+from kvqueue.gpu.presets import get_preset
+from kvqueue.gpu.results import RequestResult, RequestStatus
+from kvqueue.report.comparison import compare
+from kvqueue.report.metrics import ideal_hit_rate
+from kvqueue.sim.parallel import run_strategies
+from kvqueue.sim.simulation import Simulation, simulate
+from kvqueue.workloads.arrivals import retime
+from kvqueue.workloads.synthetic import make_workload
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from kvqueue import tokenizer as tokenizer_module
 from kvqueue.errors import ConfigError
-from kvqueue.tokenizer import MIN_VOCAB_SIZE, TextTokenizer, load_tokenizer
+from kvqueue.workloads import tokenizer as tokenizer_module
+from kvqueue.workloads.tokenizer import MIN_VOCAB_SIZE, TextTokenizer, load_tokenizer
 
 tiktoken = pytest.importorskip("tiktoken")
 

@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvqueue.errors import InputFormatError
-from kvqueue.hashing import chain, root_hash
-from kvqueue.metrics import ideal_hit_rate
-from kvqueue.request import Request
-from kvqueue.traces import (
+from kvqueue.gpu.hashing import chain, root_hash
+from kvqueue.gpu.request import Request
+from kvqueue.report.metrics import ideal_hit_rate
+from kvqueue.workloads.traces import (
     MOONCAKE_TAG,
     MooncakeExpander,
     fits_report,

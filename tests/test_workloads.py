@@ -11,12 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvqueue.arrivals import ARRIVAL_PROCESSES, poisson_times, retime
 from kvqueue.errors import InputFormatError
-from kvqueue.hashing import DEFAULT_HASH_SEED, hash_token_blocks
-from kvqueue.metrics import ideal_hit_rate
-from kvqueue.request import Request
-from kvqueue.workloads import (
+from kvqueue.gpu.hashing import DEFAULT_HASH_SEED, hash_token_blocks
+from kvqueue.gpu.request import Request
+from kvqueue.report.metrics import ideal_hit_rate
+from kvqueue.workloads.arrivals import ARRIVAL_PROCESSES, poisson_times, retime
+from kvqueue.workloads.synthetic import (
     SHARED_PREFIX_PRESETS,
     WORKLOADS,
     make_workload,

@@ -14,7 +14,7 @@ from typing import Any
 
 def cache_snapshot() -> dict[str, Any]:
     """The hashes (hex) this worker process caches right now, and its eviction count."""
-    from kvqueue import worker
+    from kvqueue.live import worker
 
     runtime = worker._RUNTIME
     if runtime is None or runtime.pid != os.getpid():

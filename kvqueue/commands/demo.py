@@ -37,23 +37,18 @@ from typing import Any
 
 import orjson
 
-from kvqueue.compare import (
-    comparison_meta,
-    comparison_redis,
-    graceful_signals,
-    print_err,
-    run_comparison,
-    workload_args_meta,
-    write_comparison,
-)
 from kvqueue.config import Settings
-from kvqueue.connection import connect, redact
-from kvqueue.dashboard import format_table
 from kvqueue.errors import KVQueueError
-from kvqueue.policies import policy_names
-from kvqueue.simulator import DEFAULT_STRATEGIES
-from kvqueue.traces import fits_report
-from kvqueue.workload_options import add_workload_arguments, build_requests
+from kvqueue.live.comparison import comparison_meta, comparison_redis, run_comparison
+from kvqueue.live.connection import connect, redact
+from kvqueue.live.signals import graceful_signals
+from kvqueue.report.comparison import write_comparison
+from kvqueue.report.dashboard import format_table
+from kvqueue.routing.policies.base import policy_names
+from kvqueue.sim.simulation import DEFAULT_STRATEGIES
+from kvqueue.workloads.options import add_workload_arguments, build_requests
+from kvqueue.workloads.recorded import workload_args_meta
+from kvqueue.workloads.traces import fits_report
 
 DEMO_WORKLOAD = "shared-prefix-medium"
 DEMO_NUM_REQUESTS = 128
@@ -66,6 +61,11 @@ SMALL_WORKLOAD = "shared-prefix-small"
 SMALL_NUM_REQUESTS = 32
 SMALL_WORKERS = 2
 SMALL_TIME_SCALE = 0.1
+
+
+def print_err(message: str) -> None:
+    """A status line on stderr (stdout stays clean for tables and JSON)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def configure_common(parser: argparse.ArgumentParser, default_workload: str | None) -> None:

@@ -3,7 +3,7 @@
     kvqueue evaluate                       # the whole suite → docs/policies.md (+ figure)
     kvqueue evaluate --workloads shared-prefix-50,no-sharing --policies predictive,round_robin
 
-See `kvqueue.evaluation` for the workloads, how their arrival rates are set, and the report.
+See `kvqueue.report.evaluation` for the workloads, how their arrival rates are set, and the report.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kvqueue.evaluation import (
+from kvqueue.report.evaluation.runner import run_suite
+from kvqueue.report.evaluation.suite import (
     AZURE_REQUESTS,
     DEFAULT_DATA_DIR,
     DEFAULT_OUT,
     MOONCAKE_REQUESTS,
-    run_suite,
 )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from kvqueue.presets import DEFAULT_PRESET, all_presets, get_preset
+from kvqueue.gpu.presets import DEFAULT_PRESET, all_presets, get_preset
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -19,20 +19,14 @@ from pathlib import Path
 import orjson
 
 from kvqueue.config import Settings
-from kvqueue.dashboard import build_dashboard, format_table, write_run
 from kvqueue.errors import KVQueueError
-from kvqueue.oracle import make_oracle
-from kvqueue.policies import policy_names
-from kvqueue.simulator import (
-    DEFAULT_STRATEGIES,
-    ProgressCallback,
-    check_strategies,
-    default_jobs,
-    run_strategies,
-    worker_names,
-)
-from kvqueue.traces import fits_report
-from kvqueue.workload_options import add_workload_arguments, build_requests
+from kvqueue.gpu.oracle import make_oracle
+from kvqueue.report.dashboard import build_dashboard, format_table, write_run
+from kvqueue.routing.policies.base import policy_names
+from kvqueue.sim.parallel import check_strategies, default_jobs, run_strategies
+from kvqueue.sim.simulation import DEFAULT_STRATEGIES, ProgressCallback, worker_names
+from kvqueue.workloads.options import add_workload_arguments, build_requests
+from kvqueue.workloads.traces import fits_report
 
 DEFAULT_WORKLOAD = "shared-prefix-small"
 

@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvqueue.errors import CacheFullError, ConfigError, RequestRejected
-from kvqueue.events import AllBlocksCleared, BlocksRemoved, BlocksStored, CacheEvent
-from kvqueue.hashing import BlockHash
+from kvqueue.gpu.events import AllBlocksCleared, BlocksRemoved, BlocksStored, CacheEvent
+from kvqueue.gpu.hashing import BlockHash
 
 
 @dataclass(slots=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from kvqueue.hashing import BlockHash, from_hex, to_hex
+from kvqueue.gpu.hashing import BlockHash, from_hex, to_hex
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kvqueue.errors import ConfigError
-from kvqueue.request import Request
-from kvqueue.tokenizer import looks_like_local_path
+from kvqueue.gpu.model_names import looks_like_local_path
+from kvqueue.gpu.request import Request
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from kvqueue.errors import ConfigError
-from kvqueue.hashing import BLOCK_SIZE
+from kvqueue.gpu.hashing import BLOCK_SIZE
 
 GIB = 1 << 30
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvqueue.hashing import BlockHash, from_hex, to_hex
+from kvqueue.gpu.hashing import BlockHash, from_hex, to_hex
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from kvqueue.cache import Allocation, BlockCache
 from kvqueue.errors import RequestRejected
-from kvqueue.events import CacheEvent
-from kvqueue.latency import LatencyModel
-from kvqueue.oracle import DecodeLengthOracle, FallbackOracle
-from kvqueue.presets import Preset, get_preset
-from kvqueue.request import Request
+from kvqueue.gpu.cache import Allocation, BlockCache
+from kvqueue.gpu.events import CacheEvent
+from kvqueue.gpu.latency import LatencyModel
+from kvqueue.gpu.oracle import DecodeLengthOracle, FallbackOracle
+from kvqueue.gpu.presets import Preset, get_preset
+from kvqueue.gpu.request import Request
 
 
 @dataclass(frozen=True, slots=True)

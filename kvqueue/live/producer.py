@@ -19,14 +19,16 @@ from rq.serializers import JSONSerializer
 
 from kvqueue import keys
 from kvqueue.config import Settings
-from kvqueue.connection import redact
 from kvqueue.errors import NoLiveWorkersError
-from kvqueue.policies import make_policy, worker_order
-from kvqueue.request import Request
-from kvqueue.results import RequestResult, RequestStatus
-from kvqueue.router import START_WORKER_HINT, RedisRouterState, Router
-from kvqueue.runs import append_result, write_run_meta
-from kvqueue.worker import JOB_FUNCTION, JobContext
+from kvqueue.gpu.request import Request
+from kvqueue.gpu.results import RequestResult, RequestStatus
+from kvqueue.live.connection import redact
+from kvqueue.live.runs import append_result, write_run_meta
+from kvqueue.live.worker import JOB_FUNCTION, JobContext
+from kvqueue.routing.policies.base import make_policy
+from kvqueue.routing.router import START_WORKER_HINT, Router
+from kvqueue.routing.state import RedisRouterState
+from kvqueue.routing.view import worker_order
 
 JOB_RESULT_TTL_S = 3600
 JOB_FAILURE_TTL_S = 24 * 3600

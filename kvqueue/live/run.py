@@ -11,12 +11,11 @@ from tqdm import tqdm
 
 from kvqueue import keys
 from kvqueue.config import Settings
-from kvqueue.metrics import summarize
-from kvqueue.producer import Producer, SentRun
-from kvqueue.request import Request
-from kvqueue.results import RequestResult
-from kvqueue.runs import read_results, wait_for_results
-from kvqueue.traces import fits_report
+from kvqueue.gpu.request import Request
+from kvqueue.gpu.results import RequestResult
+from kvqueue.live.producer import Producer, SentRun
+from kvqueue.live.runs import read_results, wait_for_results
+from kvqueue.workloads.traces import fits_report
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,11 +23,6 @@ class LiveRun:
     sent: SentRun
     workers: list[str]
     results: list[RequestResult]
-
-    def summary(self) -> dict[str, Any]:
-        return {"run_id": self.sent.run_id, "strategy": self.sent.strategy} | summarize(
-            self.results, self.workers
-        )
 
 
 def run_live(
@@ -68,29 +62,6 @@ def _dedupe(results: list[RequestResult]) -> list[RequestResult]:
     for result in results:
         seen.setdefault(result.request_id, result)
     return list(seen.values())
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """A short terminal table of one run."""
-
-    def ms(stats: dict[str, Any], key: str) -> str:
-        value = stats.get(key)
-        return "-" if value is None else f"{value:,.0f}"
-
-    hit = summary.get("hit_rate")
-    ttft = summary["ttft_ms"]
-    e2e = summary["e2e_ms"]
-    lines = [
-        f"run {summary['run_id']}  strategy {summary['strategy']}",
-        f"  completed {summary['completed']}  rejected {summary['rejected']}  "
-        f"failed {summary['failed']}  hit rate {'-' if hit is None else f'{hit:.1%}'}",
-        f"  TTFT ms  mean {ms(ttft, 'mean')}  p50 {ms(ttft, 'p50')}  p90 {ms(ttft, 'p90')}  "
-        f"p99 {ms(ttft, 'p99')}",
-        f"  e2e ms   mean {ms(e2e, 'mean')}  p50 {ms(e2e, 'p50')}  p99 {ms(e2e, 'p99')}",
-        "  per worker: "
-        + ", ".join(f"{w} {row['requests']}" for w, row in summary["per_worker"].items()),
-    ]
-    return "\n".join(lines)
 
 
 def fit_warning(

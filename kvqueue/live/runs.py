@@ -12,7 +12,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from kvqueue import keys
-from kvqueue.results import RequestResult, RequestStatus
+from kvqueue.gpu.results import RequestResult, RequestStatus
 
 
 def write_run_meta(

@@ -29,17 +29,17 @@ from rq.serializers import JSONSerializer
 from kvqueue import keys
 from kvqueue.config import Settings
 from kvqueue.errors import RequestRejected
-from kvqueue.gpu import Execution, SimulatedGpu
-from kvqueue.oracle import make_oracle
-from kvqueue.redis_index import RedisIndex
-from kvqueue.request import Request
-from kvqueue.results import RequestResult, RequestStatus
-from kvqueue.router import RedisRouterState
-from kvqueue.runs import append_result
+from kvqueue.gpu.oracle import make_oracle
+from kvqueue.gpu.request import Request
+from kvqueue.gpu.results import RequestResult, RequestStatus
+from kvqueue.gpu.simulated_gpu import Execution, SimulatedGpu
+from kvqueue.live.runs import append_result
+from kvqueue.routing.redis_index import RedisIndex
+from kvqueue.routing.state import RedisRouterState
 
 log = logging.getLogger(__name__)
 
-JOB_FUNCTION = "kvqueue.worker.serve_request"
+JOB_FUNCTION = "kvqueue.live.worker.serve_request"
 FORKED_WORKER_MESSAGE = (
     "this job ran outside a KV worker process: RQ's default worker forks per job and would "
     "simulate every request on a fresh, empty KV cache. Start the worker with "

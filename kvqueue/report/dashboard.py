@@ -6,7 +6,7 @@ The same shape for simulated and live runs, so analysis scripts and plots read e
       "ideal_hit_rate": x,               # infinite shared cache, over the served requests
       "ideal_hit_rate_workload": x,      # the same over every request of the workload
       "meta": {...},                     # workload, preset, workers, seed, ...
-      "strategies": {name: {             # kvqueue.metrics.summarize(...) plus:
+      "strategies": {name: {             # kvqueue.report.metrics.summarize(...) plus:
           "ideal_hit_rate": x,           #   the bound for *this* strategy's hit_rate
           "hit_rate_of_ideal": x,        #   hit_rate / ideal_hit_rate
           ...}}
@@ -31,9 +31,9 @@ from typing import Any
 
 import orjson
 
-from kvqueue.metrics import ideal_hit_rate, ratio, summarize
-from kvqueue.request import Request
-from kvqueue.results import RequestResult, RequestStatus
+from kvqueue.gpu.request import Request
+from kvqueue.gpu.results import RequestResult, RequestStatus
+from kvqueue.report.metrics import ideal_hit_rate, ratio, summarize
 
 DASHBOARD_FILE = "dashboard_results.json"
 RESULTS_FILE_TEMPLATE = "results_{strategy}.jsonl"

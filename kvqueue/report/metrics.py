@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from kvqueue.request import Request
-from kvqueue.results import RequestResult, RequestStatus
+from kvqueue.gpu.request import Request
+from kvqueue.gpu.results import RequestResult, RequestStatus
 
 PERCENTILES = (50, 90, 99)
 LATENCY_FIELDS = ("queue_wait_ms", "prefill_ms", "decode_ms", "ttft_ms", "e2e_ms")

@@ -33,8 +33,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
 
-from kvqueue.dashboard import load_run
-from kvqueue.results import RequestResult, RequestStatus
+from kvqueue.gpu.results import RequestResult, RequestStatus
+from kvqueue.report.dashboard import load_run
 
 HIT_RATE_FILE = "hit_rate.png"
 TTFT_CDF_FILE = "ttft_cdf.png"
@@ -456,6 +456,6 @@ def write_plots(
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
-    """Every figure for a run directory written by `kvqueue.dashboard.write_run`."""
+    """Every figure for a run directory written by `kvqueue.report.dashboard.write_run`."""
     dashboard, results = load_run(run_dir)
     return write_plots(run_dir, dashboard, results)

@@ -7,7 +7,7 @@ suite run against both.
 Match semantics: a worker's match for a request is the length of the leading run of the
 request's block hashes that the worker holds (cached, or *pending*: routed there and not yet
 confirmed by a stored event, until a TTL runs out). It stops at the first block the worker
-lacks. Because every worker's cache is prefix-closed (see `kvqueue.cache`) and the router
+lacks. Because every worker's cache is prefix-closed (see `kvqueue.gpu.cache`) and the router
 marks a routed request's whole chain pending, each worker's holdings are prefix-closed too, so
 both backends find that length by binary search over positions (O(log n) probes per worker)
 instead of walking every block — and, probing the same positions, always agree.
@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
-from kvqueue.events import AllBlocksCleared, BlocksRemoved, BlocksStored, CacheEvent
-from kvqueue.hashing import BlockHash
+from kvqueue.gpu.events import AllBlocksCleared, BlocksRemoved, BlocksStored, CacheEvent
+from kvqueue.gpu.hashing import BlockHash
 
 
 class PrefixIndex(Protocol):

@@ -17,9 +17,16 @@ from typing import Any
 
 import redis
 
-from kvqueue import keys, scripts
-from kvqueue.events import AllBlocksCleared, BlocksRemoved, BlocksStored, CacheEvent, encode_event
-from kvqueue.hashing import BlockHash, from_hex, to_hex
+from kvqueue import keys
+from kvqueue.gpu.events import (
+    AllBlocksCleared,
+    BlocksRemoved,
+    BlocksStored,
+    CacheEvent,
+    encode_event,
+)
+from kvqueue.gpu.hashing import BlockHash, from_hex, to_hex
+from kvqueue.routing import scripts
 
 EVENTS_STREAM_MAXLEN = 100_000
 HASH_BYTES = 32  # SHA-256; the scripts cut the concatenated hex every 64 characters

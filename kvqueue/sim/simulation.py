@@ -35,24 +35,20 @@ from __future__ import annotations
 import contextlib
 import gc
 import heapq
-import multiprocessing
-import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any
 
-from kvqueue.dashboard import build_dashboard
 from kvqueue.errors import ConfigError, KVQueueError, RequestRejected
-from kvqueue.gpu import Execution, SimulatedGpu
-from kvqueue.latency import LatencyModel, end_to_end_ms, ttft_ms
-from kvqueue.oracle import DecodeLengthOracle, FallbackOracle
-from kvqueue.policies import make_policy
-from kvqueue.presets import Preset, get_preset
-from kvqueue.request import Request
-from kvqueue.results import RequestResult, RequestStatus
-from kvqueue.router import Decision, InMemoryRouterState, Router
+from kvqueue.gpu.latency import LatencyModel, end_to_end_ms, ttft_ms
+from kvqueue.gpu.oracle import DecodeLengthOracle, FallbackOracle
+from kvqueue.gpu.presets import Preset, get_preset
+from kvqueue.gpu.request import Request
+from kvqueue.gpu.results import RequestResult, RequestStatus
+from kvqueue.gpu.simulated_gpu import Execution, SimulatedGpu
+from kvqueue.routing.policies.base import make_policy
+from kvqueue.routing.router import Decision, Router
+from kvqueue.routing.state import InMemoryRouterState
 
 DEFAULT_STRATEGIES = ("cache_aware", "round_robin", "least_loaded")
 DEFAULT_PENDING_TTL_MS = 30_000.0  # the live router's default (Settings.pending_ttl_s = 30)
@@ -303,144 +299,3 @@ def simulate(
     """
     simulation = Simulation(strategy, num_workers, preset, latency, oracle, run_id, pending_ttl_ms)
     return simulation.run(requests, progress)
-
-
-def check_strategies(strategies: Sequence[str]) -> None:
-    """Raise `ConfigError` for an empty list, a duplicate or an unknown strategy name."""
-    if not strategies:
-        raise ConfigError("no strategies given")
-    if len(set(strategies)) != len(strategies):
-        raise ConfigError(f"duplicate strategy in {list(strategies)}")
-    for name in strategies:
-        make_policy(name)  # an unknown name raises, listing the valid ones
-
-
-def default_jobs(num_strategies: int) -> int:
-    """One process per strategy, up to twice the CPUs (1 where fork is unavailable).
-
-    Oversubscribing on purpose: three strategies time-sharing two cores finish in about
-    half their total CPU time, two of them back to back on one core take two thirds.
-    """
-    if "fork" not in multiprocessing.get_all_start_methods():
-        return 1
-    return max(1, min(num_strategies, 2 * (os.cpu_count() or 1)))
-
-
-def run_strategies(
-    requests: Sequence[Request],
-    strategies: Sequence[str],
-    num_workers: int,
-    preset: Preset | None = None,
-    latency: LatencyModel | None = None,
-    oracle: DecodeLengthOracle | None = None,
-    run_id: str = DEFAULT_RUN_ID,
-    pending_ttl_ms: float = DEFAULT_PENDING_TTL_MS,
-    progress: ProgressCallback | None = None,
-    jobs: int = 1,
-) -> dict[str, list[RequestResult]]:
-    """`simulate` once per strategy, each on fresh workers, caches and router state.
-
-    Every strategy sees the same requests; the result maps each strategy (in the given
-    order) to its results. Strategies are validated before anything runs. `progress(n)` is
-    called as requests end, over all strategies. With ``jobs > 1`` strategies run in that
-    many forked processes (they share nothing, so the results are identical to a serial
-    run); where fork is unavailable they run serially.
-    """
-    check_strategies(strategies)
-    run_kwargs: dict[str, Any] = {
-        "num_workers": num_workers,
-        "preset": preset or get_preset(),
-        "latency": latency,
-        "oracle": oracle,
-        "run_id": run_id,
-        "pending_ttl_ms": pending_ttl_ms,
-    }
-    jobs = min(jobs, len(strategies))
-    if jobs <= 1 or "fork" not in multiprocessing.get_all_start_methods():
-        return {
-            name: simulate(requests, name, progress=progress, **run_kwargs) for name in strategies
-        }
-    return _run_forked(requests, strategies, run_kwargs, progress, jobs)
-
-
-# State handed to forked children by inheritance (fork copies it; nothing is pickled but the
-# strategy name going in and the results coming out). Set only while `_run_forked` runs.
-_FORK_STATE: dict[str, Any] | None = None
-_PROGRESS_POLL_S = 0.2
-
-
-def _simulate_in_child(position: int, strategy: str) -> list[RequestResult]:
-    state = _FORK_STATE
-    assert state is not None, "_simulate_in_child runs only in a child forked by _run_forked"
-    counter = state["counters"][position]
-
-    def tick(n: int) -> None:
-        with counter.get_lock():
-            counter.value += n
-
-    return simulate(state["requests"], strategy, progress=tick, **state["kwargs"])
-
-
-def _run_forked(
-    requests: Sequence[Request],
-    strategies: Sequence[str],
-    run_kwargs: dict[str, Any],
-    progress: ProgressCallback | None,
-    jobs: int,
-) -> dict[str, list[RequestResult]]:
-    """`simulate(requests, strategy, **run_kwargs)` per strategy, in `jobs` forked processes."""
-    global _FORK_STATE
-    context = multiprocessing.get_context("fork")
-    counters = [context.Value("q", 0) for _ in strategies]
-    _FORK_STATE = {"requests": requests, "counters": counters, "kwargs": run_kwargs}
-    try:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            futures = [
-                pool.submit(_simulate_in_child, i, name) for i, name in enumerate(strategies)
-            ]
-            reported = 0
-            pending = set(futures)
-            while pending:
-                _, pending = wait(pending, timeout=_PROGRESS_POLL_S, return_when=FIRST_EXCEPTION)
-                if progress is not None:
-                    done = sum(c.value for c in counters)
-                    if done > reported:
-                        progress(done - reported)
-                        reported = done
-                failed = [f for f in futures if f.done() and f.exception() is not None]
-                if failed:
-                    pool.shutdown(cancel_futures=True)
-                    raise failed[0].exception()  # type: ignore[misc]
-            return {name: f.result() for name, f in zip(strategies, futures, strict=True)}
-    finally:
-        _FORK_STATE = None
-
-
-def compare(
-    requests: Sequence[Request],
-    strategies: Sequence[str] = DEFAULT_STRATEGIES,
-    num_workers: int = 4,
-    preset: Preset | None = None,
-    latency: LatencyModel | None = None,
-    oracle: DecodeLengthOracle | None = None,
-    run_id: str = DEFAULT_RUN_ID,
-    pending_ttl_ms: float = DEFAULT_PENDING_TTL_MS,
-    meta: dict | None = None,
-    jobs: int = 1,
-) -> dict:
-    """Run every strategy (fresh state each) and return the dashboard dict (`build_dashboard`)."""
-    preset = preset or get_preset()
-    results = run_strategies(
-        requests,
-        strategies,
-        num_workers,
-        preset,
-        latency,
-        oracle,
-        run_id,
-        pending_ttl_ms,
-        jobs=jobs,
-    )
-    info = {"preset": preset.name, "num_blocks": preset.num_blocks, "run_id": run_id}
-    info.update(meta or {})
-    return build_dashboard(results, list(requests), worker_names(num_workers), info)

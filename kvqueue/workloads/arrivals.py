@@ -20,7 +20,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import replace
 
-from kvqueue.request import Request
+from kvqueue.gpu.request import Request
 
 ARRIVAL_PROCESSES = ("asap", "poisson", "trace")
 

@@ -13,11 +13,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from kvqueue.arrivals import retime
-from kvqueue.hashing import DEFAULT_HASH_SEED
-from kvqueue.request import Request
-from kvqueue.traces import read_azure, read_mooncake
-from kvqueue.workloads import WORKLOADS, make_workload, read_prompts
+from kvqueue.gpu.hashing import DEFAULT_HASH_SEED
+from kvqueue.gpu.request import Request
+from kvqueue.workloads.arrivals import retime
+from kvqueue.workloads.synthetic import WORKLOADS, make_workload, read_prompts
+from kvqueue.workloads.traces import read_azure, read_mooncake
 
 
 def add_workload_arguments(parser: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -60,7 +60,7 @@ def build_requests(
         name = f"trace:{args.trace.name}"
         arrivals = "trace"
     elif args.prompts is not None:
-        from kvqueue.tokenizer import load_tokenizer
+        from kvqueue.workloads.tokenizer import load_tokenizer
 
         encoder = load_tokenizer(tokenizer)
         requests = read_prompts(args.prompts, encoder.encode, hash_seed=hash_seed)

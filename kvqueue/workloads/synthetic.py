@@ -4,8 +4,8 @@ Synthetic workloads draw token ids directly (no tokenizer) from a ``random.Rando
 create and pass down, so one seed gives the same requests — ids, tokens, hashes, order — for
 every strategy and in every process. Their block hashes are always
 ``hash_token_blocks(token_ids, seed=hash_seed, extra_keys=extra_keys)``.
-Every generated request arrives at 0 (as fast as possible); `kvqueue.arrivals.retime` gives
-Poisson or scaled arrivals.
+Every generated request arrives at 0 (as fast as possible);
+`kvqueue.workloads.arrivals.retime` gives Poisson or scaled arrivals.
 
 | workload             | requests | shared prefix    | prompt tokens  | output | notes            |
 |----------------------|----------|------------------|----------------|--------|------------------|
@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from kvqueue.errors import InputFormatError
-from kvqueue.hashing import DEFAULT_HASH_SEED, hash_token_blocks
-from kvqueue.request import Request
-from kvqueue.traces import as_int, as_number, iter_text_lines, parse_json_object
+from kvqueue.gpu.hashing import DEFAULT_HASH_SEED, hash_token_blocks
+from kvqueue.gpu.request import Request
+from kvqueue.workloads.traces import as_int, as_number, iter_text_lines, parse_json_object
 
 DEFAULT_VOCAB_SIZE = 32_000  # Llama 2's vocabulary
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvqueue.errors import ConfigError
+from kvqueue.gpu.model_names import looks_like_local_path
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -126,16 +127,6 @@ def _auto_tokenizer(name_or_path: str) -> TextTokenizer:
             _encode=lambda text: list(backend.encode(text, verbose=False)),
         ),
         origin=repr(name_or_path),
-    )
-
-
-def looks_like_local_path(name: str) -> bool:
-    """Hub names are ``name`` or ``owner/name``; anything else is meant as a local path."""
-    return (
-        name.startswith(("/", ".", "~"))
-        or "\\" in name
-        or name.count("/") > 1
-        or name.endswith((".json", ".model", ".tiktoken"))
     )
 
 

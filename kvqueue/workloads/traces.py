@@ -1,7 +1,7 @@
 """Trace replay: Mooncake (prefix-sharing) and Azure LLM inference (no prefix info) traces.
 
 Traces carry lengths and, for Mooncake, ids of shared 512-token blocks — never token ids. Each
-request's 16-token block hashes are built with `kvqueue.hashing` over synthetic *pseudo-token*
+request's 16-token block hashes are built with `kvqueue.gpu.hashing` over synthetic *pseudo-token*
 blocks, so requests share exactly the block hashes the trace says they share:
 
 - Mooncake: hash id ``k`` at chain parent ``p`` expands to 32 sub-blocks; sub-block ``j`` is the
@@ -30,8 +30,8 @@ from typing import Any
 import orjson
 
 from kvqueue.errors import InputFormatError
-from kvqueue.hashing import BLOCK_SIZE, DEFAULT_HASH_SEED, BlockHash, chain, root_hash
-from kvqueue.request import Request
+from kvqueue.gpu.hashing import BLOCK_SIZE, DEFAULT_HASH_SEED, BlockHash, chain, root_hash
+from kvqueue.gpu.request import Request
 
 MOONCAKE_ID_TOKENS = 512  # tokens covered by one Mooncake hash id
 SUB_BLOCKS_PER_ID = MOONCAKE_ID_TOKENS // BLOCK_SIZE  # 32
@@ -43,7 +43,7 @@ NUM_FIT_EXAMPLES = 5
 _PADDING = (0,) * (BLOCK_SIZE - 4)
 
 
-# -- reading helpers (shared with kvqueue.workloads) ----------------------------------------
+# -- reading helpers (shared with kvqueue.workloads.synthetic) --------------------------------
 def iter_text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     """Yield ``(line number from 1, text without the line break)``; bad UTF-8 names its line."""
     with open(path, "rb") as handle:

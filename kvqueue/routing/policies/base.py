@@ -3,60 +3,20 @@
 A policy sees only what a real router could know: the request's block hashes and declared
 `max_tokens`, and a `RouterView` of the cluster (live workers, prefix matches from the index,
 outstanding work). Ties always end in worker order, so every policy is deterministic given
-its inputs (and its seeded rng, for policies that sample).
+its inputs (and its seeded rng, for policies that sample). This module holds the registry and
+the helpers policies share; it imports no policy (the package `__init__` imports them all).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import math
+from collections.abc import Callable
 from typing import ClassVar, Protocol
 
 from kvqueue.errors import ConfigError
-from kvqueue.request import Request
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerLoad:
-    """One worker as the router accounts it.
-
-    `requests`, `tokens` (prompt + declared output) and `work_ms` (the router's estimate of
-    their service time, see `kvqueue.router.estimate_service_ms`) cover outstanding work:
-    queued and running. `used_blocks`/`capacity_blocks` are the cache occupancy the worker
-    last reported (after its last request ended). `elapsed_ms` is how long the request at
-    the head of the worker's queue has been in service, as the router saw it start (at its
-    commit to an idle worker, or at the previous completion); 0 when idle.
-    """
-
-    requests: int = 0
-    tokens: int = 0
-    work_ms: float = 0.0
-    used_blocks: int = 0
-    capacity_blocks: int = 0
-    elapsed_ms: float = 0.0
-
-    @property
-    def kv_usage(self) -> float:
-        return self.used_blocks / self.capacity_blocks if self.capacity_blocks else 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class RouterView:
-    """What a policy may look at. `workers` is the live workers in worker order."""
-
-    workers: tuple[str, ...]
-    matched_blocks: Mapping[str, int]
-    loads: Mapping[str, WorkerLoad]
-    ticket: int = 0
-    mean_output_tokens: float | None = None  # over completed requests so far; None before any
-    declared_share: float | None = None  # of routed requests, share declaring max_tokens
-
-    def load(self, worker: str) -> WorkerLoad:
-        return self.loads.get(worker, WorkerLoad())
-
-    def matched(self, worker: str) -> int:
-        return self.matched_blocks.get(worker, 0)
+from kvqueue.gpu.hashing import BLOCK_SIZE
+from kvqueue.gpu.request import Request
+from kvqueue.routing.view import RouterView, worker_order
 
 
 class Policy(Protocol):
@@ -96,11 +56,6 @@ def policy_names() -> list[str]:
     return sorted(POLICIES)
 
 
-def worker_order(worker: str) -> tuple:
-    """Natural order: worker-2 before worker-10."""
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", worker))
-
-
 def least_loaded(workers: tuple[str, ...] | list[str], view: RouterView) -> str:
     """Fewest outstanding requests, then fewest outstanding tokens, then worker order."""
     return min(
@@ -109,38 +64,31 @@ def least_loaded(workers: tuple[str, ...] | list[str], view: RouterView) -> str:
     )
 
 
-@register_policy("round_robin")
-class RoundRobin:
-    """Workers in turn, by a ticket shared by every producer (a Redis counter when live)."""
-
-    needs_ticket: ClassVar[bool] = True
-
-    def choose(self, request: Request, view: RouterView) -> str:
-        return view.workers[(view.ticket - 1) % len(view.workers)]
+def check_param(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
 
 
-@register_policy("least_loaded")
-class LeastLoaded:
-    """The worker with the fewest outstanding requests (then tokens, then worker order)."""
-
-    needs_ticket: ClassVar[bool] = False
-
-    def choose(self, request: Request, view: RouterView) -> str:
-        return least_loaded(view.workers, view)
+def best_match(view: RouterView) -> int:
+    """The longest prefix match (in blocks) any live worker holds."""
+    return max((view.matched(w) for w in view.workers), default=0)
 
 
-@register_policy("cache_aware")
-class CacheAware:
-    """Longest prefix match; ties and no match at all go to the least loaded."""
-
-    needs_ticket: ClassVar[bool] = False
-
-    def choose(self, request: Request, view: RouterView) -> str:
-        best = max((view.matched(w) for w in view.workers), default=0)
-        if best == 0:
-            return least_loaded(view.workers, view)
-        return least_loaded([w for w in view.workers if view.matched(w) == best], view)
+def match_fraction(request: Request, matched_blocks: int) -> float:
+    """Share of the prompt's tokens covered by `matched_blocks` (0 for an empty prompt)."""
+    if request.num_prompt_tokens <= 0:
+        return 0.0
+    return min(1.0, matched_blocks * BLOCK_SIZE / request.num_prompt_tokens)
 
 
-# The other policies live in modules of their own; importing them registers them here.
-from kvqueue import policies_field, policies_predictive  # noqa: E402, F401
+def expected_output_blocks(request: Request, view: RouterView) -> int:
+    """KV slots for the partial last prompt block and the expected output (never cached).
+
+    Output length: the request's declared `max_tokens`, else the mean of completed outputs,
+    else none (what a real router knows).
+    """
+    output = request.max_tokens
+    if output is None:
+        output = round(view.mean_output_tokens) if view.mean_output_tokens is not None else 0
+    total = math.ceil((request.num_prompt_tokens + output) / BLOCK_SIZE)
+    return max(0, total - request.num_blocks)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from kvqueue.latency import LatencyModel
-from kvqueue.policies import RouterView, register_policy, worker_order
-from kvqueue.request import Request
+from kvqueue.gpu.latency import LatencyModel
+from kvqueue.gpu.request import Request
+from kvqueue.routing.policies.base import register_policy
+from kvqueue.routing.view import RouterView, worker_order
 
 
 @register_policy("predictive")
@@ -26,7 +27,7 @@ class PredictiveTtft:
     Why each term, and why each input is one a real router has:
 
     - `work_ms` is the router's own running sum of the estimates it committed
-      (`kvqueue.router.estimate_service_ms`): prefill of the blocks the worker lacked at
+      (`kvqueue.routing.router.estimate_service_ms`): prefill of the blocks the worker lacked at
       routing plus decode of the *expected* output — the request's declared `max_tokens`,
       else the mean output of completed requests. No actual output length is read.
     - The request in service is partly done. `elapsed_ms` is the time since the router saw

@@ -1,0 +1,1 @@
+"""The live pipeline on Redis and RQ: producer, KV worker, run streams, local clusters."""

@@ -1,0 +1,40 @@
+"""What the evaluation records: one row per policy and workload, one report per workload."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRow:
+    """One policy on one workload: the table row, from the run's `summarize`."""
+
+    policy: str
+    hit_rate: float | None
+    ttft_mean_ms: float | None
+    ttft_p90_ms: float | None
+    ttft_p99_ms: float | None
+    e2e_mean_ms: float | None
+    imbalance: float | None
+    ideal_hit_rate: float | None
+    lost_match: float | None  # blocks matched at routing but not hit at service, / matched
+    completed: int
+    rejected: int
+    wall_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadReport:
+    key: str
+    title: str
+    source: str
+    preset: str
+    num_blocks: int
+    num_workers: int
+    num_requests: int
+    utilization: float
+    cold_service_ms: float
+    rate_rps: float
+    arrival_scale: float | None
+    ideal_hit_rate: float | None
+    rows: tuple[PolicyRow, ...]

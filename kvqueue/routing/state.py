@@ -1,0 +1,237 @@
+"""Router state backends: in Redis (the live pipeline) and in process memory (the simulator).
+
+Both hold the same things — the prefix index, live workers, outstanding load per worker and
+the statistics a router learns from completed requests — and build the same `RouterView`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis
+
+from kvqueue import keys
+from kvqueue.gpu.events import CacheEvent
+from kvqueue.gpu.request import Request
+from kvqueue.routing.index import InMemoryIndex, apply_events
+from kvqueue.routing.redis_index import RedisIndex
+from kvqueue.routing.router import Decision
+from kvqueue.routing.view import RouterView, WorkerLoad, worker_order
+
+
+class RedisRouterState:
+    """Router state in Redis: the prefix tree, live workers, loads and the shared ticket.
+
+    `kvq:load:since` holds, per worker, the wall-clock ms at which the router saw its current
+    request start: a commit to an idle worker, or the last completion (the next queued
+    request starts then). `time_scale` (wall seconds per simulated second, as the workers
+    emulate it) turns the time since then into simulated ms for `WorkerLoad.elapsed_ms`.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str = keys.DEFAULT_PREFIX,
+        heartbeat_ttl_s: float = 15.0,
+        pending_ttl_s: float = 30.0,
+        time_scale: float = 1.0,
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.index = RedisIndex(client, prefix)
+        self.heartbeat_ttl_ms = heartbeat_ttl_s * 1000.0
+        self.pending_ttl_ms = pending_ttl_s * 1000.0
+        self.time_scale = time_scale
+
+    def view(self, request: Request, take_ticket: bool) -> RouterView:
+        p = self.prefix
+        matches, ticket, (requests, tokens, work, used, capacity, stats, since) = (
+            self.index.route_view(
+                request.block_hashes,
+                self.heartbeat_ttl_ms,
+                [keys.load(p), keys.load_tokens(p), keys.load_work(p), keys.usage(p),
+                 keys.capacity(p), keys.output_stats(p), keys.load_since(p)],
+                take_ticket,
+            )
+        )  # fmt: skip
+        now = _wall_ms()
+        workers = tuple(sorted(matches, key=worker_order))
+        loads = {
+            w: WorkerLoad(
+                requests=max(0, int(requests.get(w, 0))),
+                tokens=max(0, int(tokens.get(w, 0))),
+                work_ms=max(0.0, float(work.get(w, 0.0))),
+                used_blocks=int(used.get(w, 0)),
+                capacity_blocks=int(capacity.get(w, 0)),
+                elapsed_ms=self._elapsed_ms(now, since.get(w), int(requests.get(w, 0))),
+            )
+            for w in workers
+        }
+        return RouterView(
+            workers, matches, loads, ticket, _mean_output(stats), _declared_share(stats)
+        )
+
+    def _elapsed_ms(self, now: float, since: str | None, requests: int) -> float:
+        if requests <= 0 or since is None or self.time_scale <= 0:
+            return 0.0
+        return max(0.0, (now - float(since)) / self.time_scale)
+
+    def commit(self, request: Request, decision: Decision, pipeline: Any = None) -> None:
+        pipe = pipeline if pipeline is not None else self.client.pipeline(transaction=False)
+        # The whole chain, hits included: if the worker evicts a hit before this request runs,
+        # the request stores it again, and the worker's holdings stay prefix-closed.
+        self.index.mark_pending(
+            decision.worker, request.block_hashes, self.pending_ttl_ms, pipeline=pipe
+        )
+        pipe.hincrby(keys.load(self.prefix), decision.worker, 1)
+        pipe.hincrby(keys.load_tokens(self.prefix), decision.worker, decision.load_tokens)
+        pipe.hincrbyfloat(keys.load_work(self.prefix), decision.worker, decision.estimated_ms)
+        if decision.worker_idle:
+            pipe.hset(keys.load_since(self.prefix), decision.worker, _wall_ms())
+        pipe.hincrby(keys.output_stats(self.prefix), "routed", 1)
+        if request.max_tokens is not None:
+            pipe.hincrby(keys.output_stats(self.prefix), "declared", 1)
+        if pipeline is None:
+            pipe.execute()
+
+    def complete(
+        self,
+        worker: str,
+        tokens: int,
+        estimated_ms: float = 0.0,
+        used_blocks: int | None = None,
+        output_tokens: int | None = None,
+        pipeline: Any = None,
+    ) -> None:
+        pipe = pipeline if pipeline is not None else self.client.pipeline(transaction=False)
+        pipe.hincrby(keys.load(self.prefix), worker, -1)
+        pipe.hincrby(keys.load_tokens(self.prefix), worker, -tokens)
+        pipe.hincrbyfloat(keys.load_work(self.prefix), worker, -estimated_ms)
+        pipe.hset(keys.load_since(self.prefix), worker, _wall_ms())
+        if used_blocks is not None:
+            pipe.hset(keys.usage(self.prefix), worker, used_blocks)
+        if output_tokens is not None:
+            pipe.hincrby(keys.output_stats(self.prefix), "output_tokens", output_tokens)
+            pipe.hincrby(keys.output_stats(self.prefix), "completed", 1)
+        if pipeline is None:
+            pipe.execute()
+
+    def register_capacity(self, worker: str, capacity_blocks: int, pipeline: Any = None) -> None:
+        """A worker (re)starting: empty cache of `capacity_blocks`, no outstanding load."""
+        pipe = pipeline if pipeline is not None else self.client.pipeline(transaction=False)
+        pipe.hset(keys.capacity(self.prefix), worker, capacity_blocks)
+        pipe.hset(keys.usage(self.prefix), worker, 0)
+        for key in (
+            keys.load(self.prefix),
+            keys.load_tokens(self.prefix),
+            keys.load_work(self.prefix),
+            keys.load_since(self.prefix),
+        ):
+            pipe.hdel(key, worker)
+        if pipeline is None:
+            pipe.execute()
+
+
+def _wall_ms() -> float:
+    return time.time() * 1000.0
+
+
+def _declared_share(stats: dict[str, str]) -> float | None:
+    routed = int(stats.get("routed", 0))
+    return int(stats.get("declared", 0)) / routed if routed > 0 else None
+
+
+def _mean_output(stats: dict[str, str]) -> float | None:
+    completed = int(stats.get("completed", 0))
+    return int(stats.get("output_tokens", 0)) / completed if completed > 0 else None
+
+
+class InMemoryRouterState:
+    """Router state in process memory, for the simulator. `clock` returns milliseconds."""
+
+    def __init__(
+        self,
+        workers: Sequence[str],
+        clock: Callable[[], float] | None = None,
+        pending_ttl_ms: float = 30_000.0,
+    ) -> None:
+        self.workers = tuple(sorted(workers, key=worker_order))
+        self.clock = clock or (lambda: time.monotonic() * 1000.0)
+        self.index = InMemoryIndex(self.clock)
+        self.pending_ttl_ms = pending_ttl_ms
+        self.requests = dict.fromkeys(self.workers, 0)
+        self.tokens = dict.fromkeys(self.workers, 0)
+        self.work_ms = dict.fromkeys(self.workers, 0.0)
+        self.used_blocks = dict.fromkeys(self.workers, 0)
+        self.capacity_blocks = dict.fromkeys(self.workers, 0)
+        self.busy_since = dict.fromkeys(self.workers, 0.0)  # see RedisRouterState
+        self._output_tokens = 0
+        self._completed = 0
+        self._routed = 0
+        self._declared = 0
+        self._ticket = 0
+
+    def view(self, request: Request, take_ticket: bool) -> RouterView:
+        if take_ticket:
+            self._ticket += 1
+        matches = self.index.match(request.block_hashes)
+        now = self.clock()
+        loads = {
+            w: WorkerLoad(
+                self.requests[w],
+                self.tokens[w],
+                max(0.0, self.work_ms[w]),
+                self.used_blocks[w],
+                self.capacity_blocks[w],
+                max(0.0, now - self.busy_since[w]) if self.requests[w] > 0 else 0.0,
+            )
+            for w in self.workers
+        }
+        mean_output = self._output_tokens / self._completed if self._completed else None
+        return RouterView(
+            self.workers,
+            {w: matches.get(w, 0) for w in self.workers},
+            loads,
+            self._ticket,
+            mean_output,
+            self._declared / self._routed if self._routed else None,
+        )
+
+    def commit(self, request: Request, decision: Decision, pipeline: Any = None) -> None:
+        self.index.mark_pending(decision.worker, request.block_hashes, self.pending_ttl_ms)
+        if self.requests[decision.worker] == 0:  # Redis relies on decision.worker_idle
+            self.busy_since[decision.worker] = self.clock()
+        self.requests[decision.worker] += 1
+        self._routed += 1
+        self._declared += request.max_tokens is not None
+        self.tokens[decision.worker] += decision.load_tokens
+        self.work_ms[decision.worker] += decision.estimated_ms
+
+    def complete(
+        self,
+        worker: str,
+        tokens: int,
+        estimated_ms: float = 0.0,
+        used_blocks: int | None = None,
+        output_tokens: int | None = None,
+        pipeline: Any = None,
+    ) -> None:
+        self.requests[worker] -= 1
+        self.tokens[worker] -= tokens
+        self.work_ms[worker] -= estimated_ms
+        self.busy_since[worker] = self.clock()
+        if used_blocks is not None:
+            self.used_blocks[worker] = used_blocks
+        if output_tokens is not None:
+            self._output_tokens += output_tokens
+            self._completed += 1
+
+    def register_capacity(self, worker: str, capacity_blocks: int, pipeline: Any = None) -> None:
+        self.capacity_blocks[worker] = capacity_blocks
+        self.used_blocks[worker] = 0
+        self.busy_since[worker] = 0.0
+
+    def apply_events(self, worker: str, events: Sequence[CacheEvent]) -> None:
+        apply_events(self.index, worker, events)

@@ -1,0 +1,54 @@
+"""What a routing policy may look at: the live workers, their prefix matches and their loads."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLoad:
+    """One worker as the router accounts it.
+
+    `requests`, `tokens` (prompt + declared output) and `work_ms` (the router's estimate of
+    their service time, see `kvqueue.routing.router.estimate_service_ms`) cover outstanding work:
+    queued and running. `used_blocks`/`capacity_blocks` are the cache occupancy the worker
+    last reported (after its last request ended). `elapsed_ms` is how long the request at
+    the head of the worker's queue has been in service, as the router saw it start (at its
+    commit to an idle worker, or at the previous completion); 0 when idle.
+    """
+
+    requests: int = 0
+    tokens: int = 0
+    work_ms: float = 0.0
+    used_blocks: int = 0
+    capacity_blocks: int = 0
+    elapsed_ms: float = 0.0
+
+    @property
+    def kv_usage(self) -> float:
+        return self.used_blocks / self.capacity_blocks if self.capacity_blocks else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RouterView:
+    """What a policy may look at. `workers` is the live workers in worker order."""
+
+    workers: tuple[str, ...]
+    matched_blocks: Mapping[str, int]
+    loads: Mapping[str, WorkerLoad]
+    ticket: int = 0
+    mean_output_tokens: float | None = None  # over completed requests so far; None before any
+    declared_share: float | None = None  # of routed requests, share declaring max_tokens
+
+    def load(self, worker: str) -> WorkerLoad:
+        return self.loads.get(worker, WorkerLoad())
+
+    def matched(self, worker: str) -> int:
+        return self.matched_blocks.get(worker, 0)
+
+
+def worker_order(worker: str) -> tuple:
+    """Natural order: worker-2 before worker-10."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", worker))

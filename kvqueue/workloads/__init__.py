@@ -1,0 +1,1 @@
+"""Workloads: synthetic generators, trace readers, arrival processes, tokenizer, CLI options."""
