@@ -6,11 +6,15 @@ ratio column says how far kvqueue is from the floor, whatever the machine:
 - hashing: `hash_token_blocks` vs ``hashlib.sha256`` over the same token bytes in one pass
   (and, for scale, one sha256 call per pre-packed block);
 - cache: `BlockCache` lookup + allocate + release on a shared-prefix workload with eviction
-  vs a plain dict lookup/insert loop over the same block hashes (no capacity, no eviction).
+  vs a plain dict lookup/insert loop over the same block hashes (no capacity, no eviction);
+- index: the simulator's `InMemoryIndex` replaying what the router does with that workload on
+  one worker — per request `match`, `mark_pending` of the whole chain, then the cache events
+  the request produced (recorded once from the cache run, outside the timer) — vs the same
+  dict baseline.
 
 Times are the best of ``--repeat`` runs (``time.perf_counter``). Usage::
 
-    python bench/bench_core.py [--tokens 1000000] [--requests 3000] [--num-blocks 924]
+    python bench/bench_core.py [--tokens 1000000] [--requests 3000] [--num-blocks 924] [--quick]
 """
 
 from __future__ import annotations
@@ -28,10 +32,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
+from bench_args import parse_args
+
 from kvqueue.errors import CacheFullError, RequestRejected
 from kvqueue.gpu.cache import Allocation, BlockCache
+from kvqueue.gpu.events import CacheEvent
 from kvqueue.gpu.hashing import BLOCK_SIZE, BlockHash, chain, hash_token_blocks
 from kvqueue.gpu.presets import get_preset
+from kvqueue.routing.index import InMemoryIndex, apply_events
+
+QUICK = {"tokens": 100_000, "requests": 300, "repeat": 1}
+PENDING_TTL_MS = 30_000.0  # the router's default pending TTL (Settings.pending_ttl_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,10 +140,16 @@ def make_workload(
     return Workload(requests)
 
 
-def run_cache(workload: Workload, num_blocks: int, max_running: int) -> tuple[BlockCache, int]:
+IndexSteps = list[tuple[list[BlockHash], list[CacheEvent]]]  # (request chain, its events)
+
+
+def run_cache(
+    workload: Workload, num_blocks: int, max_running: int, recorded: IndexSteps | None = None
+) -> tuple[BlockCache, int]:
     """Serve the workload with up to `max_running` requests pinned at once (oldest finishes
     first; a request that finds the cache full of pinned blocks waits for the next release).
-    Returns the cache and the number of requests rejected as larger than the whole cache."""
+    Returns the cache and the number of requests rejected as larger than the whole cache;
+    appends each request's chain and the events it caused to `recorded` when given."""
     cache = BlockCache(num_blocks)
     num_rejected = 0
     running: deque[Allocation] = deque()
@@ -151,10 +168,22 @@ def run_cache(workload: Workload, num_blocks: int, max_running: int) -> tuple[Bl
                 if not running:
                     raise
                 cache.release(running.popleft())
-        cache.take_events()
+        events = cache.take_events()
+        if recorded is not None:
+            recorded.append((hashes, events))
     while running:
         cache.release(running.popleft())
     return cache, num_rejected
+
+
+def run_index(steps: IndexSteps) -> InMemoryIndex:
+    """What the router does per request on one worker: match, mark pending, apply events."""
+    index = InMemoryIndex()
+    for hashes, events in steps:
+        index.match(hashes)
+        index.mark_pending("worker-0", hashes, PENDING_TTL_MS)
+        apply_events(index, "worker-0", events)
+    return index
 
 
 def run_dict(workload: Workload) -> dict:
@@ -171,7 +200,9 @@ def bench_cache(
 ) -> tuple[list[Row], BlockCache, int]:
     baseline = best_of(repeat, lambda: run_dict(workload))
     seconds = best_of(repeat, lambda: run_cache(workload, num_blocks, max_running))
-    cache, num_rejected = run_cache(workload, num_blocks, max_running)
+    steps: IndexSteps = []
+    cache, num_rejected = run_cache(workload, num_blocks, max_running, steps)
+    index_seconds = best_of(repeat, lambda: run_index(steps))
     return (
         [
             Row("cache: dict lookup/insert (baseline)", workload.num_blocks, "blk", baseline, None),
@@ -180,6 +211,13 @@ def bench_cache(
                 workload.num_blocks,
                 "blk",
                 seconds,
+                baseline,
+            ),
+            Row(
+                "index: InMemoryIndex match+pending+events",
+                workload.num_blocks,
+                "blk",
+                index_seconds,
                 baseline,
             ),
         ],
@@ -217,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-running", type=int, default=4, help="requests pinned at once")
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (best kept)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv, QUICK)
     positive = (
         "tokens",
         "requests",

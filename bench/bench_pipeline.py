@@ -32,7 +32,7 @@ the row's req/s ÷ the baseline's jobs/s.
 Usage::
 
     python bench/bench_pipeline.py [--num-requests 400] [--workers 1,2,4] [--scale 0.01]
-        [--redis-url redis://127.0.0.1:6379/11]
+        [--redis-url redis://127.0.0.1:6379/11] [--quick]
 
 The db of ``--redis-url`` is flushed before each measurement and at the end.
 """
@@ -54,6 +54,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
 import redis
+from bench_args import parse_args
 from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -71,6 +72,7 @@ from kvqueue.workloads.synthetic import WORKLOADS, make_workload
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/11"
 BENCH_PREFIX = keys.DEFAULT_PREFIX  # the db is dedicated: real key sizes
 BASELINE_QUEUE = "bench-noop"
+QUICK = {"num_requests": 40, "workers": "1", "scaled_workers": 0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategy", default="cache_aware", help="routing strategy")
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL, help="its db is flushed")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv, QUICK)
     if args.num_requests <= 0:
         parser.error(f"--num-requests must be positive, got {args.num_requests}")
     try:

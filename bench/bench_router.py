@@ -34,7 +34,7 @@ MEMORY USAGE split (node hashes sampled, the per-worker block sets exact) is pri
 cross-check. Usage::
 
     python bench/bench_router.py [--nodes 100000] [--workers 8] [--repeats 1000]
-        [--redis-url redis://127.0.0.1:6379/11]
+        [--redis-url redis://127.0.0.1:6379/11] [--quick]
 
 The db of ``--redis-url`` is flushed before and (unless ``--keep``) after the run.
 """
@@ -54,6 +54,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
 import redis
+from bench_args import parse_args
 
 from kvqueue import keys
 from kvqueue.gpu.hashing import BLOCK_SIZE, BlockHash, to_hex
@@ -69,6 +70,7 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/11"
 BENCH_PREFIX = keys.DEFAULT_PREFIX  # the db is dedicated: real key sizes
 HEARTBEAT_TTL_MS = 10**12  # every registered worker stays live for the whole run
 DEFAULT_BLOCKS = (64, 128, 512)
+QUICK = {"nodes": 5_000, "repeats": 50, "warmup": 5, "blocks": "64,128"}
 FOLLOW_UP_FRACTION = 7 / 8
 
 # The naive walk: the same keys, arguments and reply as ROUTE_VIEW, HKEYS per block.
@@ -361,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL, help="its db is flushed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", action="store_true", help="leave the tree in Redis")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv, QUICK)
     for name in ("nodes", "workers", "repeats"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")

@@ -2,8 +2,10 @@
 
 Steps, each timed with ``time.perf_counter`` (best of ``--repeat``):
 
-1. trace expansion: `read_mooncake` (JSON parsing, 512-token ids expanded to chained 16-token
-   block hashes), reported on its own;
+1. trace expansion: `read_mooncake` (JSON parsing, 512-token ids expanded to 16-token block
+   hashes), in its own table against its own baseline: `kvqueue.gpu.hashing.chain` (the
+   chained SHA-256 every tokenized prompt goes through) over as many 16-token blocks as the
+   expanded trace holds. ``× baseline`` is expansion's blocks/s divided by the baseline's;
 2. baseline: a plain loop over the same requests, in arrival order, doing only
    ``BlockCache.allocate`` then ``release`` on one cache of the preset's size (no router, no
    index, no events consumed, no event loop; a request larger than the cache is skipped);
@@ -11,14 +13,14 @@ Steps, each timed with ``time.perf_counter`` (best of ``--repeat``):
    virtual-time run (router, in-memory index fed by cache events, per-worker queues, caches,
    latency model, results).
 
-``× baseline`` is the strategy's requests/s divided by the baseline's: the price of
-everything the simulator does beyond touching a block cache once per request. The table also
-shows each strategy's block hit rate and completed/rejected counts, so a fast but wrong run
-stands out; the baseline's hit rate is that of one cache of one GPU's size serving everything.
-Usage::
+``× baseline`` in the simulator table is the strategy's requests/s divided by the baseline's:
+the price of everything the simulator does beyond touching a block cache once per request.
+The table also shows each strategy's block hit rate and completed/rejected counts, so a fast
+but wrong run stands out; the baseline's hit rate is that of one cache of one GPU's size
+serving everything. Usage::
 
     python bench/bench_simulator.py [--trace ../shared/data/mooncake_fast25_synthetic_trace.jsonl]
-        [--preset llama-3.1-8b@h100-80gb] [--workers 8] [--limit N] [--repeat 1]
+        [--preset llama-3.1-8b@h100-80gb] [--workers 8] [--limit N] [--repeat 1] [--quick]
 
 Exits 0 with a message if the trace file is absent.
 """
@@ -26,6 +28,7 @@ Exits 0 with a message if the trace file is absent.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -36,8 +39,11 @@ from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
+from bench_args import parse_args
+
 from kvqueue.errors import RequestRejected
 from kvqueue.gpu.cache import BlockCache
+from kvqueue.gpu.hashing import BLOCK_SIZE, BlockHash, chain, root_hash
 from kvqueue.gpu.presets import get_preset
 from kvqueue.gpu.request import Request
 from kvqueue.gpu.results import RequestResult, RequestStatus
@@ -48,6 +54,8 @@ from kvqueue.workloads.traces import read_mooncake
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRACE = REPO_ROOT.parent / "shared" / "data" / "mooncake_fast25_synthetic_trace.jsonl"
 DEFAULT_PRESET = "llama-3.1-8b@h100-80gb"
+QUICK = {"limit": 200, "strategies": "cache_aware"}
+NUM_DISTINCT_BLOCKS = 1_024  # the baseline cycles over these token blocks (hashing cost only)
 
 T = TypeVar("T")
 
@@ -61,6 +69,12 @@ def best_of(repeat: int, fn: Callable[[], T]) -> tuple[float, T]:
         value = fn()
         best = min(best, time.perf_counter() - start)
     return best, value
+
+
+def chained_hashing(num_blocks: int) -> list[BlockHash]:
+    """`chain` over `num_blocks` 16-token blocks: the baseline of trace expansion."""
+    blocks = [tuple(range(k, k + BLOCK_SIZE)) for k in range(NUM_DISTINCT_BLOCKS)]
+    return chain(root_hash(), itertools.islice(itertools.cycle(blocks), num_blocks))
 
 
 def cache_loop(requests: Sequence[Request], num_blocks: int) -> BlockCache:
@@ -93,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--limit", type=int, help="first N requests of the trace only")
     parser.add_argument("--repeat", type=int, default=1, help="runs per measurement (best kept)")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv, QUICK)
     if args.workers <= 0 or args.repeat <= 0:
         parser.error("--workers and --repeat must be positive")
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -106,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     read_s, requests = best_of(args.repeat, lambda: read_mooncake(args.trace, limit=args.limit))
     num_requests = len(requests)
     num_blocks = sum(r.num_blocks for r in requests)
+    hash_s, _ = best_of(args.repeat, lambda: chained_hashing(num_blocks))
     base_s, cache = best_of(args.repeat, lambda: cache_loop(requests, preset.num_blocks))
     num_skipped = num_requests - sum(
         request.num_blocks <= preset.num_blocks for request in requests
@@ -128,12 +143,26 @@ def main(argv: list[str] | None = None) -> int:
         f"python {sys.version.split()[0]}, best of {args.repeat}\n"
     )
     header = (
-        f"{'step':<40} {'seconds':>8} {'req/s':>9} {'× baseline':>10} {'hit rate':>8} "
-        f"{'completed':>9} {'rejected':>8}"
+        f"{'trace expansion':<40} {'seconds':>8} {'req/s':>9} {'blocks/s':>12} {'× baseline':>10}"
     )
     print(header)
     print("-" * len(header))
-    print(f"{'trace expansion (read_mooncake)':<40} {read_s:>8.2f} {num_requests / read_s:>9,.0f}")
+    for name, seconds, rate in (
+        ("baseline: chain() over as many blocks", hash_s, None),
+        ("read_mooncake", read_s, num_requests / read_s),
+    ):
+        rate_text = "-" if rate is None else f"{rate:,.0f}"
+        print(
+            f"{name:<40} {seconds:>8.2f} {rate_text:>9} {num_blocks / seconds:>12,.0f} "
+            f"{hash_s / seconds:>9.2f}x"
+        )
+    header = (
+        f"{'step':<40} {'seconds':>8} {'req/s':>9} {'× baseline':>10} {'hit rate':>8} "
+        f"{'completed':>9} {'rejected':>8}"
+    )
+    print()
+    print(header)
+    print("-" * len(header))
     print(
         f"{'baseline: one cache, allocate+release':<40} {base_s:>8.2f} {base_rate:>9,.0f} "
         f"{1.0:>9.2f}x {cache.stats.hit_rate:>8.1%} {num_requests - num_skipped:>9,} "
