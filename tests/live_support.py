@@ -4,9 +4,8 @@ Each such module gets a Redis db of its own on the test server (conftest's
 `real_redis_base_url`: ``KVQ_TEST_REDIS_URL``, else 127.0.0.1:6379, else an embedded
 redis-server), so that test runs going on at the same time — other modules, the conftest
 `redis_url` fixture flushing db 15, the demo tests on db 8, the benchmarks on db 11 and
-their smoke tests on db 12 — never
-wipe each other's keys. The live modules
-need a whole db because RQ's queue names (``worker-0``) cannot carry a key prefix; the index
+their smoke tests on db 12 — never wipe each other's keys. The live modules need a whole db
+because RQ's queue names (``worker-0``) cannot carry a key prefix; the index
 and router modules share one db and use a unique key prefix per test instead.
 
 Like conftest's `redis_url`, nothing here skips: an unreachable Redis FAILS the test.
