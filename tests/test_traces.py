@@ -9,16 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvqueue.errors import InputFormatError
-from kvqueue.gpu.hashing import chain, root_hash
+from kvqueue.gpu.hashing import hash_block, root_hash
 from kvqueue.gpu.request import Request
 from kvqueue.report.metrics import ideal_hit_rate
 from kvqueue.workloads.traces import (
     MOONCAKE_TAG,
     MooncakeExpander,
     fits_report,
-    pseudo_blocks,
     read_azure,
     read_mooncake,
+    unit_digest,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -56,12 +56,25 @@ def test_mooncake_requests_sharing_k_leading_ids_share_exactly_32k_blocks():
     assert ideal_hit_rate([r1, r2, r3, r4]) == (64 + 32) / (68 + 64 + 43 + 18)
 
 
-def test_mooncake_blocks_are_chained_hashes_of_pseudo_token_blocks():
-    r1 = read_mooncake(MOONCAKE, hash_seed="s")[0]
-    first_id = chain(root_hash("s"), pseudo_blocks(MOONCAKE_TAG, 0, 32))
-    assert list(r1.block_hashes[:32]) == first_id
-    assert list(r1.block_hashes[32:64]) == chain(first_id[-1], pseudo_blocks(MOONCAKE_TAG, 1, 32))
-    assert read_mooncake(MOONCAKE)[0].block_hashes[0] != r1.block_hashes[0]
+def test_mooncake_blocks_derive_from_one_chained_digest_per_hash_id():
+    r1 = read_mooncake(MOONCAKE, hash_seed="s", extra_keys=["tenant"])[0]  # ids [0, 1, 2]
+    digest_0 = hash_block(root_hash("s", ["tenant"]), (MOONCAKE_TAG, 0, 0))
+    digest_1 = hash_block(digest_0, (MOONCAKE_TAG, 1, 0))
+    digest_2 = hash_block(digest_1, (MOONCAKE_TAG, 2, 0))
+    assert unit_digest(digest_0, 1) == digest_1
+    for k, digest in enumerate((digest_0, digest_1, digest_2)):
+        expected = [digest[:28] + j.to_bytes(4, "little") for j in range(32)]
+        assert list(r1.block_hashes[32 * k : 32 * (k + 1)]) == expected[: 68 - 32 * k]
+    # The seed and the extra keys feed the root, hence every block.
+    assert not set(read_mooncake(MOONCAKE)[0].block_hashes) & set(r1.block_hashes)
+    assert not set(read_mooncake(MOONCAKE, hash_seed="s")[0].block_hashes) & set(r1.block_hashes)
+
+
+def test_an_id_after_a_different_prefix_expands_to_different_blocks():
+    expander = MooncakeExpander()
+    a, b = expander.expand([1, 7], 64), expander.expand([2, 7], 64)
+    assert not set(a) & set(b)
+    assert expander.expand([1, 7], 64) == a
 
 
 def test_mooncake_arrivals_are_relative_to_the_first_timestamp_and_ids_name_lines():

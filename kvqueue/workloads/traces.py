@@ -1,13 +1,18 @@
 """Trace replay: Mooncake (prefix-sharing) and Azure LLM inference (no prefix info) traces.
 
 Traces carry lengths and, for Mooncake, ids of shared 512-token blocks — never token ids. Each
-request's 16-token block hashes are built with `kvqueue.gpu.hashing` over synthetic *pseudo-token*
-blocks, so requests share exactly the block hashes the trace says they share:
+request's 16-token block hashes are derived with `kvqueue.gpu.hashing` from the trace's ids, so
+requests share exactly the block hashes the trace says they share:
 
-- Mooncake: hash id ``k`` at chain parent ``p`` expands to 32 sub-blocks; sub-block ``j`` is the
-  pseudo-token block ``(MOONCAKE_TAG, k_lo, k_hi, j, 0, …)`` chained from ``p``. Two requests whose
-  ``hash_ids`` share their first ``n`` ids share exactly their first ``32 × n`` block hashes (the
-  ids of a Mooncake trace are themselves chained: an id stands for its whole prefix).
+- Mooncake: the ids are chained 512-token *units*. Id ``k`` after parent digest ``p`` (the root
+  hash of the seed and extra keys for a first id) has the digest ``d = hash_block(p,
+  (MOONCAKE_TAG, k_lo, k_hi))`` — one SHA-256 per unit, chained over the ids — and expands to
+  32 sub-blocks whose hashes are derived, not hashed: sub-block ``j`` is ``d[:28] || j`` (j as
+  4 little-endian bytes). Equal block hash ⇔ equal unit digest and position ⇔ equal whole
+  prefix (equal ids up to this one, equal position in it), across every request of the trace.
+  Two requests whose ``hash_ids`` share their first ``n`` ids share exactly their first
+  ``32 × n`` block hashes (the ids of a Mooncake trace are themselves chained: an id stands for
+  its whole prefix).
 - Azure: the trace says nothing about sharing, so the request on line ``i`` gets its own
   pseudo-token blocks ``(AZURE_TAG, i_lo, i_hi, j, 0, …)``; no two requests of a file share a
   block.
@@ -25,12 +30,19 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
 from kvqueue.errors import InputFormatError
-from kvqueue.gpu.hashing import BLOCK_SIZE, DEFAULT_HASH_SEED, BlockHash, chain, root_hash
+from kvqueue.gpu.hashing import (
+    BLOCK_SIZE,
+    DEFAULT_HASH_SEED,
+    BlockHash,
+    chain,
+    hash_block,
+    root_hash,
+)
 from kvqueue.gpu.request import Request
 
 MOONCAKE_ID_TOKENS = 512  # tokens covered by one Mooncake hash id
@@ -38,6 +50,7 @@ SUB_BLOCKS_PER_ID = MOONCAKE_ID_TOKENS // BLOCK_SIZE  # 32
 MOONCAKE_TAG = 0x4D4F4F4E  # "MOON": first pseudo-token of every Mooncake block
 AZURE_TAG = 0x415A5552  # "AZUR": first pseudo-token of every Azure block
 MAX_ID = (1 << 64) - 1  # ids are packed into two 32-bit pseudo-tokens
+UNIT_PREFIX_BYTES = 28  # of a unit digest, in each of its sub-block hashes (+ 4 position bytes)
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 NUM_FIT_EXAMPLES = 5
 _PADDING = (0,) * (BLOCK_SIZE - 4)
@@ -150,12 +163,26 @@ def scaled_input_length(input_length: int, length_scale: float) -> int:
     return max(1, round(input_length * blocks / SUB_BLOCKS_PER_ID))
 
 
-class MooncakeExpander:
-    """Expands chains of Mooncake hash ids into 16-token block hashes, memoized.
+def unit_digest(parent: BlockHash, hash_id: int) -> BlockHash:
+    """The chained digest of Mooncake id `hash_id` after `parent` (the previous id's digest)."""
+    return hash_block(parent, (MOONCAKE_TAG, hash_id & 0xFFFFFFFF, hash_id >> 32))
 
-    Invariant: ``self._memo[(parent, hash_id)]`` holds the full chain of `blocks_per_id` block
-    hashes of `hash_id` after `parent`; a request needing fewer (its last, cut id) takes a prefix,
-    which is correct because sub-block j's hash depends only on the parent and sub-blocks < j.
+
+def _positions(num_blocks: int) -> tuple[bytes, ...]:
+    return tuple(j.to_bytes(4, "little") for j in range(num_blocks))
+
+
+def _derive_blocks(digest: BlockHash, positions: tuple[bytes, ...]) -> tuple[BlockHash, ...]:
+    """A unit's sub-block hashes ``digest[:28] || j``: one bytes concatenation each, in C."""
+    return cast("tuple[BlockHash, ...]", tuple(map(digest[:UNIT_PREFIX_BYTES].__add__, positions)))
+
+
+class MooncakeExpander:
+    """Expands chains of Mooncake hash ids into 16-token block hashes, memoized per unit.
+
+    Invariant: ``self._units[(parent, hash_id)]`` holds the digest of `hash_id` after the
+    digest `parent` and all `blocks_per_id` sub-block hashes of that unit. Requests sharing a
+    unit share its hash objects; a request needing fewer (its last, cut id) takes a prefix.
     """
 
     def __init__(
@@ -164,30 +191,30 @@ class MooncakeExpander:
         hash_seed: str = DEFAULT_HASH_SEED,
         extra_keys: Sequence[str] = (),
     ) -> None:
+        if blocks_per_id < 1:
+            raise ValueError(f"blocks_per_id must be >= 1, got {blocks_per_id!r}")
         self.blocks_per_id = blocks_per_id
         self.root = root_hash(hash_seed, extra_keys)
-        self._memo: dict[tuple[BlockHash, int], tuple[BlockHash, ...]] = {}
+        self._positions = _positions(blocks_per_id)
+        self._units: dict[tuple[BlockHash, int], tuple[BlockHash, tuple[BlockHash, ...]]] = {}
 
-    def id_blocks(self, parent: BlockHash, hash_id: int) -> tuple[BlockHash, ...]:
-        key = (parent, hash_id)
-        blocks = self._memo.get(key)
-        if blocks is None:
-            pseudo = pseudo_blocks(MOONCAKE_TAG, hash_id, self.blocks_per_id)
-            blocks = tuple(chain(parent, pseudo))
-            self._memo[key] = blocks
-        return blocks
+    def _unit(self, parent: BlockHash, hash_id: int) -> tuple[BlockHash, tuple[BlockHash, ...]]:
+        digest = unit_digest(parent, hash_id)
+        unit = self._units[(parent, hash_id)] = (digest, _derive_blocks(digest, self._positions))
+        return unit
 
     def expand(self, hash_ids: Sequence[int], num_blocks: int) -> tuple[BlockHash, ...]:
         """The first `num_blocks` block hashes of the chain `hash_ids`."""
+        num_units = -(-num_blocks // self.blocks_per_id)
+        assert len(hash_ids) >= num_units, "caller checked the ids cover the input"
+        units = self._units
         out: list[BlockHash] = []
         parent = self.root
-        for hash_id in hash_ids:
-            if len(out) >= num_blocks:
-                break
-            blocks = self.id_blocks(parent, hash_id)
-            out.extend(blocks[: num_blocks - len(out)])
-            parent = blocks[-1]
-        assert len(out) == num_blocks, "caller checked the ids cover the input"
+        for hash_id in hash_ids[:num_units]:
+            unit = units.get((parent, hash_id)) or self._unit(parent, hash_id)
+            parent = unit[0]
+            out += unit[1]
+        del out[num_blocks:]
         return tuple(out)
 
 
