@@ -15,8 +15,11 @@ instead of walking every block — and, probing the same positions, always agree
 
 from __future__ import annotations
 
+import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvqueue.gpu.events import AllBlocksCleared, BlocksRemoved, BlocksStored, CacheEvent
@@ -54,67 +57,109 @@ def apply_events(index: PrefixIndex, worker: str, events: Iterable[CacheEvent]) 
             index.clear(worker)
 
 
+_ENDED = -math.inf  # the expiry of no mark: never in the future
+
+
+@dataclass(slots=True)
+class _Generation:
+    opened_ms: float
+    expires_ms: float  # the latest expiry of a mark in `marks`
+    marks: dict[BlockHash, float]  # block → expiry ms, or _ENDED once a stored event ends it
+
+
+class PendingMarks:
+    """One worker's pending marks: block → expiry, the latest mark of a block winning.
+
+    Marks are written, a whole run of blocks at once, into the newest of a few generations
+    (dicts); a generation opens every half TTL and is dropped whole as soon as every mark in
+    it has expired, so no entry is ever visited to expire it and at most about three are
+    alive. Invariant: a block's expiry is the one in the newest generation that has it; a
+    stored event writes `_ENDED` there. Needs a clock that never goes back.
+    """
+
+    def __init__(self) -> None:
+        self._generations: deque[_Generation] = deque()
+
+    def __bool__(self) -> bool:
+        return bool(self._generations)
+
+    def _drop_expired(self, now: float) -> None:
+        generations = self._generations
+        while generations and generations[0].expires_ms <= now:
+            generations.popleft()
+
+    def mark(self, block_hashes: Sequence[BlockHash], now: float, ttl_ms: float) -> None:
+        self._drop_expired(now)
+        generations = self._generations
+        expires = now + ttl_ms
+        if not generations or now - generations[-1].opened_ms >= ttl_ms / 2:
+            generations.append(_Generation(now, expires, {}))
+        newest = generations[-1]
+        newest.marks.update(dict.fromkeys(block_hashes, expires))
+        newest.expires_ms = max(newest.expires_ms, expires)
+
+    def end(self, block_hashes: Sequence[BlockHash], now: float) -> None:
+        """Stored blocks: their marks count no more (marked or not, they shadow older ones)."""
+        self._drop_expired(now)
+        if self._generations:
+            self._generations[-1].marks.update(dict.fromkeys(block_hashes, _ENDED))
+
+    def expiry(self, block_hash: BlockHash) -> float:
+        """When the block's latest mark expires; `_ENDED` when it has none or it ended."""
+        for generation in reversed(self._generations):
+            expires = generation.marks.get(block_hash)
+            if expires is not None:
+                return expires
+        return _ENDED
+
+
+@dataclass(slots=True)
+class _Holdings:
+    cached: set[BlockHash] = field(default_factory=set)  # confirmed by stored events
+    pending: PendingMarks = field(default_factory=PendingMarks)
+
+
 class InMemoryIndex:
-    """Dict-based index. `clock` returns milliseconds (virtual time in the simulator)."""
+    """Per-worker sets of cached blocks and `PendingMarks`, updated a run at a time.
+    `clock` returns milliseconds (virtual time in the simulator) and never goes back.
+
+    Each call does an amount of Python work independent of the number of blocks it names: a
+    stored, removed or marked run of blocks is a few set or dict operations done in C (no
+    Python code runs per block), and `match` probes O(log n) positions per worker, as the
+    Redis script does. Invariant: a worker holds a block iff the block is in its cached set
+    or its pending expiry lies in the future.
+    """
 
     def __init__(self, clock: Callable[[], float] | None = None) -> None:
         self._clock = clock or (lambda: time.monotonic() * 1000.0)
-        self._holders: dict[BlockHash, set[str]] = {}
-        self._pending: dict[BlockHash, dict[str, float]] = {}
-        self._worker_blocks: dict[str, set[BlockHash]] = {}
+        self._workers: dict[str, _Holdings] = {}
+
+    def _holdings(self, worker: str) -> _Holdings:
+        holdings = self._workers.get(worker)
+        if holdings is None:
+            holdings = self._workers[worker] = _Holdings()
+        return holdings
 
     def add(self, worker: str, block_hashes: Sequence[BlockHash]) -> None:
-        self._worker_blocks.setdefault(worker, set()).update(block_hashes)
-        holders = self._holders
-        all_pending = self._pending
-        for block_hash in block_hashes:
-            holding = holders.get(block_hash)
-            if holding is None:
-                holders[block_hash] = {worker}
-            else:
-                holding.add(worker)
-            pending = all_pending.get(block_hash)
-            if pending is not None:
-                pending.pop(worker, None)
-                if not pending:
-                    del all_pending[block_hash]
+        holdings = self._holdings(worker)
+        holdings.cached.update(block_hashes)
+        if holdings.pending:
+            holdings.pending.end(block_hashes, self._clock())
 
     def remove(self, worker: str, block_hashes: Sequence[BlockHash]) -> None:
-        self._worker_blocks.get(worker, set()).difference_update(block_hashes)
-        all_holders = self._holders
-        for block_hash in block_hashes:
-            holders = all_holders.get(block_hash)
-            if holders is not None:
-                holders.discard(worker)
-                if not holders:
-                    del all_holders[block_hash]
+        holdings = self._workers.get(worker)
+        if holdings is not None:
+            holdings.cached.difference_update(block_hashes)
 
     def clear(self, worker: str) -> None:
         # Pending marks stay: requests already routed to the worker will still store them.
-        self.remove(worker, list(self._worker_blocks.get(worker, ())))
+        holdings = self._workers.get(worker)
+        if holdings is not None:
+            holdings.cached.clear()
 
     def mark_pending(self, worker: str, block_hashes: Sequence[BlockHash], ttl_ms: float) -> None:
-        expires = self._clock() + ttl_ms
-        all_pending = self._pending
-        for block_hash in block_hashes:
-            pending = all_pending.get(block_hash)
-            if pending is None:
-                all_pending[block_hash] = {worker: expires}
-            else:
-                pending[worker] = expires
-
-    def _holding(self, block_hash: BlockHash, now: float) -> set[str]:
-        holding = set(self._holders.get(block_hash, ()))
-        for worker, expires in self._pending.get(block_hash, {}).items():
-            if expires > now:
-                holding.add(worker)
-        return holding
-
-    def _holds(self, worker: str, block_hash: BlockHash, now: float) -> bool:
-        if worker in self._holders.get(block_hash, ()):
-            return True
-        expires = self._pending.get(block_hash, {}).get(worker)
-        return expires is not None and expires > now
+        if block_hashes:
+            self._holdings(worker).pending.mark(block_hashes, self._clock(), ttl_ms)
 
     def match(self, block_hashes: Sequence[BlockHash]) -> dict[str, int]:
         """Binary search per worker holding the first block, exactly as the Redis script does.
@@ -126,12 +171,17 @@ class InMemoryIndex:
         if not block_hashes:
             return {}
         now = self._clock()
+        first = block_hashes[0]
         matched: dict[str, int] = {}
-        for worker in self._holding(block_hashes[0], now):
+        for worker, holdings in self._workers.items():
+            cached, pending = holdings.cached, holdings.pending
+            if first not in cached and not (pending and pending.expiry(first) > now):
+                continue
             lo, hi = 1, len(block_hashes)
             while lo < hi:
                 mid = (lo + hi + 1) // 2
-                if self._holds(worker, block_hashes[mid - 1], now):
+                probe = block_hashes[mid - 1]
+                if probe in cached or (pending and pending.expiry(probe) > now):
                     lo = mid
                 else:
                     hi = mid - 1
@@ -139,4 +189,5 @@ class InMemoryIndex:
         return matched
 
     def cached_by(self, worker: str) -> set[BlockHash]:
-        return set(self._worker_blocks.get(worker, ()))
+        holdings = self._workers.get(worker)
+        return set(holdings.cached) if holdings is not None else set()
