@@ -6,13 +6,13 @@ requests share exactly the block hashes the trace says they share:
 
 - Mooncake: the ids are chained 512-token *units*. Id ``k`` after parent digest ``p`` (the root
   hash of the seed and extra keys for a first id) has the digest ``d = hash_block(p,
-  (MOONCAKE_TAG, k_lo, k_hi))`` — one SHA-256 per unit, chained over the ids — and expands to
-  32 sub-blocks whose hashes are derived, not hashed: sub-block ``j`` is ``d[:28] || j`` (j as
-  4 little-endian bytes). Equal block hash ⇔ equal unit digest and position ⇔ equal whole
-  prefix (equal ids up to this one, equal position in it), across every request of the trace.
-  Two requests whose ``hash_ids`` share their first ``n`` ids share exactly their first
-  ``32 × n`` block hashes (the ids of a Mooncake trace are themselves chained: an id stands for
-  its whole prefix).
+  (MOONCAKE_TAG, k_lo, k_hi))`` — one SHA-256 per unit, chained over the ids (`unit_digest`,
+  memoized per ``(p, k)`` in `MooncakeExpander`) — and expands to 32 sub-blocks whose hashes
+  are derived, not hashed: sub-block ``j`` is ``d[:28] || j`` (j as 4 little-endian bytes).
+  Equal block hash ⇔ equal unit digest and position ⇔ equal whole prefix (equal ids up to
+  this one, equal position in it), across every request of the trace. Two requests whose
+  ``hash_ids`` share their first ``n`` ids share exactly their first ``32 × n`` block hashes
+  (the ids of a Mooncake trace are themselves chained: an id stands for its whole prefix).
 - Azure: the trace says nothing about sharing, so the request on line ``i`` gets its own
   pseudo-token blocks ``(AZURE_TAG, i_lo, i_hi, j, 0, …)``; no two requests of a file share a
   block.
@@ -25,24 +25,19 @@ starts with ``<file>:<line>:``.
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
+import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import orjson
 
 from kvqueue.errors import InputFormatError
-from kvqueue.gpu.hashing import (
-    BLOCK_SIZE,
-    DEFAULT_HASH_SEED,
-    BlockHash,
-    chain,
-    hash_block,
-    root_hash,
-)
+from kvqueue.gpu.hashing import BLOCK_SIZE, DEFAULT_HASH_SEED, BlockHash, chain, root_hash
 from kvqueue.gpu.request import Request
 
 MOONCAKE_ID_TOKENS = 512  # tokens covered by one Mooncake hash id
@@ -163,18 +158,26 @@ def scaled_input_length(input_length: int, length_scale: float) -> int:
     return max(1, round(input_length * blocks / SUB_BLOCKS_PER_ID))
 
 
+_UNIT_KEY = struct.Struct("<IQ")  # the pseudo-tokens (MOONCAKE_TAG, k_lo, k_hi), packed
+
+
 def unit_digest(parent: BlockHash, hash_id: int) -> BlockHash:
-    """The chained digest of Mooncake id `hash_id` after `parent` (the previous id's digest)."""
-    return hash_block(parent, (MOONCAKE_TAG, hash_id & 0xFFFFFFFF, hash_id >> 32))
+    """The chained digest of Mooncake id `hash_id` after `parent` (the previous id's digest):
+    ``hash_block(parent, (MOONCAKE_TAG, k_lo, k_hi))``, with the tokens packed in one call."""
+    return BlockHash(hashlib.sha256(parent + _UNIT_KEY.pack(MOONCAKE_TAG, hash_id)).digest())
 
 
-def _positions(num_blocks: int) -> tuple[bytes, ...]:
-    return tuple(j.to_bytes(4, "little") for j in range(num_blocks))
+class _SubBlockDerivation:
+    """Derives a unit's `num_blocks` sub-block hashes ``digest[:28] || j`` in two C calls:
+    ``prefix.join(("", p_0, p_1, …))`` lays out ``prefix p_0 prefix p_1 …``, and one struct
+    unpack cuts it into the 32-byte hashes. No Python code or hashing runs per sub-block."""
 
+    def __init__(self, num_blocks: int) -> None:
+        self._pieces = (b"", *(j.to_bytes(4, "little") for j in range(num_blocks)))
+        self._unpack = struct.Struct("32s" * num_blocks).unpack
 
-def _derive_blocks(digest: BlockHash, positions: tuple[bytes, ...]) -> tuple[BlockHash, ...]:
-    """A unit's sub-block hashes ``digest[:28] || j``: one bytes concatenation each, in C."""
-    return cast("tuple[BlockHash, ...]", tuple(map(digest[:UNIT_PREFIX_BYTES].__add__, positions)))
+    def __call__(self, digest: BlockHash) -> tuple[BlockHash, ...]:
+        return self._unpack(digest[:UNIT_PREFIX_BYTES].join(self._pieces))
 
 
 class MooncakeExpander:
@@ -195,12 +198,12 @@ class MooncakeExpander:
             raise ValueError(f"blocks_per_id must be >= 1, got {blocks_per_id!r}")
         self.blocks_per_id = blocks_per_id
         self.root = root_hash(hash_seed, extra_keys)
-        self._positions = _positions(blocks_per_id)
+        self._derive = _SubBlockDerivation(blocks_per_id)
         self._units: dict[tuple[BlockHash, int], tuple[BlockHash, tuple[BlockHash, ...]]] = {}
 
     def _unit(self, parent: BlockHash, hash_id: int) -> tuple[BlockHash, tuple[BlockHash, ...]]:
         digest = unit_digest(parent, hash_id)
-        unit = self._units[(parent, hash_id)] = (digest, _derive_blocks(digest, self._positions))
+        unit = self._units[(parent, hash_id)] = (digest, self._derive(digest))
         return unit
 
     def expand(self, hash_ids: Sequence[int], num_blocks: int) -> tuple[BlockHash, ...]:
