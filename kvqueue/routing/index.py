@@ -80,9 +80,6 @@ class PendingMarks:
     def __init__(self) -> None:
         self._generations: deque[_Generation] = deque()
 
-    def __bool__(self) -> bool:
-        return bool(self._generations)
-
     def _drop_expired(self, now: float) -> None:
         generations = self._generations
         while generations and generations[0].expires_ms <= now:
@@ -123,11 +120,11 @@ class InMemoryIndex:
     """Per-worker sets of cached blocks and `PendingMarks`, updated a run at a time.
     `clock` returns milliseconds (virtual time in the simulator) and never goes back.
 
-    Each call does an amount of Python work independent of the number of blocks it names: a
-    stored, removed or marked run of blocks is a few set or dict operations done in C (no
-    Python code runs per block), and `match` probes O(log n) positions per worker, as the
-    Redis script does. Invariant: a worker holds a block iff the block is in its cached set
-    or its pending expiry lies in the future.
+    `add`, `remove`, `clear` and `mark_pending` do an amount of Python work independent of
+    the number of blocks they name: a stored, removed or marked run of blocks is a few set or
+    dict operations done in C (no Python code runs per block). `match` probes O(log n)
+    positions per worker, as the Redis script does. Invariant: a worker holds a block iff the
+    block is in its cached set or its pending expiry lies in the future.
     """
 
     def __init__(self, clock: Callable[[], float] | None = None) -> None:
@@ -143,8 +140,7 @@ class InMemoryIndex:
     def add(self, worker: str, block_hashes: Sequence[BlockHash]) -> None:
         holdings = self._holdings(worker)
         holdings.cached.update(block_hashes)
-        if holdings.pending:
-            holdings.pending.end(block_hashes, self._clock())
+        holdings.pending.end(block_hashes, self._clock())
 
     def remove(self, worker: str, block_hashes: Sequence[BlockHash]) -> None:
         holdings = self._workers.get(worker)
@@ -175,13 +171,13 @@ class InMemoryIndex:
         matched: dict[str, int] = {}
         for worker, holdings in self._workers.items():
             cached, pending = holdings.cached, holdings.pending
-            if first not in cached and not (pending and pending.expiry(first) > now):
+            if first not in cached and pending.expiry(first) <= now:
                 continue
             lo, hi = 1, len(block_hashes)
             while lo < hi:
                 mid = (lo + hi + 1) // 2
                 probe = block_hashes[mid - 1]
-                if probe in cached or (pending and pending.expiry(probe) > now):
+                if probe in cached or pending.expiry(probe) > now:
                     lo = mid
                 else:
                     hi = mid - 1
