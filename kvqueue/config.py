@@ -17,6 +17,10 @@
 | KVQ_PREFILL_BASE_MS | prefill_base_ms    | 5.0                             |
 | KVQ_PREFILL_BLOCK_MS| prefill_per_block_ms | 2.5                           |
 | KVQ_DECODE_TOKEN_MS | decode_per_token_ms  | 15.0                          |
+| KVQ_ENGINE          | engine             | sequential (or batched)         |
+| KVQ_LATENCY         | latency_profile    | seed (or calibrated)            |
+| KVQ_MAX_NUM_BATCHED_TOKENS | max_num_batched_tokens | (vLLM's default for the GPU) |
+| KVQ_MAX_NUM_SEQS    | max_num_seqs       | (vLLM's default for the GPU)    |
 
 CLI flags override these by passing keyword arguments to `Settings.from_env(**overrides)`.
 """
@@ -29,8 +33,10 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from kvqueue.errors import ConfigError
+from kvqueue.gpu.engines import DEFAULT_ENGINE, EngineConfig
 from kvqueue.gpu.latency import LatencyModel
 from kvqueue.gpu.presets import DEFAULT_PRESET, Preset, get_preset
+from kvqueue.gpu.profiles import DEFAULT_LATENCY_PROFILE, SequentialStepPricing
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -50,6 +56,10 @@ ENV_TO_FIELD = {
     "KVQ_PREFILL_BASE_MS": "prefill_base_ms",
     "KVQ_PREFILL_BLOCK_MS": "prefill_per_block_ms",
     "KVQ_DECODE_TOKEN_MS": "decode_per_token_ms",
+    "KVQ_ENGINE": "engine",
+    "KVQ_LATENCY": "latency_profile",
+    "KVQ_MAX_NUM_BATCHED_TOKENS": "max_num_batched_tokens",
+    "KVQ_MAX_NUM_SEQS": "max_num_seqs",
 }
 
 
@@ -70,6 +80,10 @@ class Settings:
     prefill_base_ms: float = 5.0
     prefill_per_block_ms: float = 2.5
     decode_per_token_ms: float = 15.0
+    engine: str = DEFAULT_ENGINE
+    latency_profile: str = DEFAULT_LATENCY_PROFILE
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
 
     def __post_init__(self) -> None:
         if not self.time_scale >= 0:
@@ -80,10 +94,19 @@ class Settings:
         if not self.key_prefix:
             raise ConfigError("key_prefix must not be empty")
         self.latency_model()  # validates the latency constants
-        self.gpu_preset()  # validates the preset and its overrides
+        self.engine_config().check(self.gpu_preset())  # the preset, its overrides, the engine
 
     def gpu_preset(self) -> Preset:
         return get_preset(self.preset, self.num_blocks, self.max_context_tokens)
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            self.engine, self.latency_profile, self.max_num_batched_tokens, self.max_num_seqs
+        )
+
+    def sequential_pricing(self) -> SequentialStepPricing | None:
+        """How the sequential engine prices requests (None: the seed's latency model)."""
+        return self.engine_config().sequential_pricing(self.gpu_preset())
 
     def latency_model(self) -> LatencyModel:
         return LatencyModel(

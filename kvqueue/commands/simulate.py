@@ -1,6 +1,7 @@
 """`kvqueue simulate`: run strategies on a workload in virtual time, write the dashboard.
 
     kvqueue simulate --trace trace.jsonl --preset llama-3.1-8b@h100-80gb --workers 8 --json
+    kvqueue simulate --workload shared-prefix --engine batched --latency calibrated
 
 Settings not given as flags (latency constants, pending TTL, hash seed, decode model) come from
 the environment exactly as for the live workers (see `kvqueue.config`), so a simulated and a
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import orjson
 
+from kvqueue.commands.engine_flags import add_engine_arguments, engine_overrides
 from kvqueue.config import Settings
 from kvqueue.errors import KVQueueError
 from kvqueue.gpu.oracle import make_oracle
@@ -44,6 +46,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-blocks", type=int, help="override the preset's KV block count")
     parser.add_argument("--max-context", type=int, help="override the model's context length")
     parser.add_argument("--tokenizer", help="tokenizer name or path for --prompts")
+    add_engine_arguments(parser)
     parser.add_argument(
         "--jobs",
         type=int,
@@ -86,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
             num_blocks=args.num_blocks,
             max_context_tokens=args.max_context,
             tokenizer=args.tokenizer,
+            **engine_overrides(args),
         )
         strategies = _parse_strategies(args.strategies)
         check_strategies(strategies)
@@ -113,9 +117,10 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
+    engine = settings.engine_config()
     clock = time.perf_counter()
     with _progress_bar(not args.json, len(requests) * len(strategies)) as progress:
-        results = run_strategies(
+        runs = run_strategies(
             requests,
             strategies,
             len(workers),
@@ -126,8 +131,10 @@ def run(args: argparse.Namespace) -> int:
             pending_ttl_ms=settings.pending_ttl_s * 1000.0,
             progress=progress,
             jobs=jobs,
+            engine=engine,
         )
     elapsed = time.perf_counter() - clock
+    results = {name: run.results for name, run in runs.items()}
 
     meta.update(
         {
@@ -141,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
                 "prefill_per_block_ms": settings.prefill_per_block_ms,
                 "decode_per_token_ms": settings.decode_per_token_ms,
             },
+            **engine.describe(preset),
             "pending_ttl_s": settings.pending_ttl_s,
             "hash_seed": settings.hash_seed,
             "decode_model": settings.decode_model,
@@ -149,7 +157,9 @@ def run(args: argparse.Namespace) -> int:
             "wall_s": round(elapsed, 3),
         }
     )
-    dashboard = build_dashboard(results, requests, workers, meta)
+    dashboard = build_dashboard(
+        results, requests, workers, meta, {name: run.engine_stats for name, run in runs.items()}
+    )
     dashboard_file = write_run(out_dir, dashboard, results)
 
     if args.json:
@@ -157,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{len(requests):,} requests × {len(strategies)} strategies on {len(workers)} × "
-        f"{preset.name} ({preset.num_blocks:,} blocks) simulated in {elapsed:.1f} s"
+        f"{preset.name} ({preset.num_blocks:,} blocks, {engine.engine} engine, "
+        f"{engine.latency} latency) simulated in {elapsed:.1f} s"
     )
     print(format_table(dashboard))
     print(f"\nwrote {dashboard_file} and results_<strategy>.jsonl in {out_dir}")

@@ -14,13 +14,22 @@ Invariants:
   `cached_hashes()` exactly.
 
 `last_used` is a logical clock that ticks once per release, so runs are deterministic.
+
+Two ways to hold blocks. The sequential engine pins a request's whole footprint at once
+(`allocate` → `Allocation`, then `release`). The batched engine grows a `BlockTable` as the
+request is scheduled, as vLLM's `KVCacheManager.allocate_slots` does: `pin_prefix` pins the
+prefix hits at admission, `allocate_slots` takes anonymous slots for the tokens scheduled in a
+step (evicting), `commit_full` turns slots whose block just became full into cached blocks, and
+`release` (on preemption or at the end) unpins the chain tail first — its hashed blocks stay
+cached and evictable. A table's hashed blocks always form one chain from its first block, so
+the children-before-parents rule above holds for both.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvqueue.errors import CacheFullError, ConfigError, RequestRejected
 from kvqueue.gpu.events import AllBlocksCleared, BlocksRemoved, BlocksStored, CacheEvent
@@ -50,6 +59,25 @@ class Allocation:
 
 
 @dataclass(slots=True)
+class BlockTable:
+    """The slots one request of the batched engine holds, grown step by step.
+
+    `block_hashes` are its pinned cached blocks, a chain from the request's first block
+    (position i is the block at depth i). `num_anonymous_blocks` are slots holding tokens that
+    are no full prompt block: the partial last prompt block and the generated tokens (which
+    kvqueue never hashes). `num_evicted` counts the evictions its allocations caused.
+    """
+
+    block_hashes: list[BlockHash] = field(default_factory=list)
+    num_anonymous_blocks: int = 0
+    num_evicted: int = 0
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.block_hashes) + self.num_anonymous_blocks
+
+
+@dataclass(slots=True)
 class CacheStats:
     num_queried_blocks: int = 0
     num_hit_blocks: int = 0
@@ -75,6 +103,7 @@ class BlockCache:
         self._num_anonymous = 0
         self._clock = 0
         self._events: list[CacheEvent] = []
+        self._open_removed: list[BlockHash] = []
 
     # -- queries -------------------------------------------------------------------------
     @property
@@ -97,6 +126,18 @@ class BlockCache:
     def num_active_blocks(self) -> int:
         """Slots held by running requests (cached blocks with ref_count > 0, and anonymous)."""
         return self.num_used_slots - self._num_evictable
+
+    @property
+    def num_allocatable(self) -> int:
+        """Slots a new block can take now: free ones plus evictable cached ones (vLLM's
+        free-block queue holds both)."""
+        return self.num_blocks - self.num_used_slots + self._num_evictable
+
+    def num_evictable_among(self, block_hashes: Sequence[BlockHash]) -> int:
+        """How many of these blocks are cached with ref_count 0: pinning them takes them out
+        of `num_allocatable`, as touching a free block does in vLLM."""
+        blocks = self._blocks
+        return sum(1 for h in block_hashes if (b := blocks.get(h)) is not None and not b.ref_count)
 
     def cached_hashes(self) -> set[BlockHash]:
         return set(self._blocks)
@@ -166,6 +207,7 @@ class BlockCache:
         self._num_anonymous += num_anonymous_blocks
         # Evicted hashes are never among the stored ones, so reporting the removals first
         # replays to the same set of cached hashes.
+        self._flush_removed()
         if evicted:
             self._events.append(BlocksRemoved(tuple(evicted)))
         self._events.extend(stored_runs)
@@ -175,12 +217,13 @@ class BlockCache:
         self.stats.num_evictions += len(evicted)
         return Allocation(hashes, num_hits, num_anonymous_blocks, len(evicted))
 
-    def release(self, allocation: Allocation) -> None:
+    def release(self, allocation: Allocation | BlockTable) -> None:
         """Unpin a request's blocks; blocks reaching ref_count 0 become evictable together.
 
         They enter the eviction heap as one run sharing this release's clock, ordered so that
         popping from its end yields the smallest ``(-depth, block_hash)`` first: the order the
         class docstring states, at one heap operation per release instead of one per block.
+        Anonymous slots are freed. A released `BlockTable` is left empty.
         """
         self._clock += 1
         clock = self._clock
@@ -205,8 +248,92 @@ class BlockCache:
             self._num_evictable += len(freed)
         self._num_anonymous -= allocation.num_anonymous_blocks
         assert self._num_anonymous >= 0
+        if isinstance(allocation, BlockTable):
+            allocation.block_hashes = []
+            allocation.num_anonymous_blocks = 0
         if len(self._evictable_heap) > 2 * self.num_blocks:
             self._compact_heap()
+
+    def pin_prefix(
+        self, table: BlockTable, block_hashes: Sequence[BlockHash], num_hits: int
+    ) -> None:
+        """Admission: pin the first `num_hits` of a request's `block_hashes` into its empty
+        `table`, and count the lookup in `stats` (all of `block_hashes` queried).
+
+        The hits must be cached (a leading run as `lookup` returns, possibly capped). Reviving
+        evictable hits takes them out of `num_allocatable`; nothing is evicted.
+        """
+        if table.num_slots:
+            raise ValueError(f"pin_prefix needs an empty block table, got {table.num_slots} slots")
+        if not 0 <= num_hits <= len(block_hashes):
+            raise ValueError(f"num_hits {num_hits} outside 0..{len(block_hashes)}")
+        hits = block_hashes[:num_hits]
+        for block_hash in hits:
+            block = self._blocks.get(block_hash)
+            if block is None:
+                raise ValueError(f"block {block_hash.hex()[:12]} to pin is not cached")
+            self._pin(block)
+        table.block_hashes.extend(hits)
+        self.stats.num_queried_blocks += len(block_hashes)
+        self.stats.num_hit_blocks += num_hits
+
+    def allocate_slots(self, table: BlockTable, num_slots: int) -> int:
+        """Give `table` `num_slots` more anonymous slots, evicting the least recently
+        released blocks when no slot is free; returns the number evicted.
+
+        Raises `CacheFullError`, changing nothing, if fewer than `num_slots` are allocatable.
+        """
+        if num_slots < 0:
+            raise ValueError(f"num_slots must be >= 0, got {num_slots}")
+        if num_slots > self.num_allocatable:
+            raise CacheFullError(
+                f"{num_slots:,} KV blocks needed; only {self.num_allocatable:,} are free or "
+                f"evictable ({self.num_active_blocks:,} of {self.num_blocks:,} in use)"
+            )
+        free = self.num_free_slots
+        evicted = [self._evict_one() for _ in range(num_slots - min(free, num_slots))]
+        self._num_anonymous += num_slots
+        table.num_anonymous_blocks += num_slots
+        if evicted:
+            self._record_removed(evicted)
+            self.stats.num_evictions += len(evicted)
+            table.num_evicted += len(evicted)
+        return len(evicted)
+
+    def commit_full(self, table: BlockTable, block_hashes: Sequence[BlockHash]) -> None:
+        """Blocks of `table` became full: turn as many of its anonymous slots into these
+        cached blocks, which continue its chain, pinned, and report them stored.
+
+        A block already cached (computed by another request, or cached past the request's
+        capped hit) is shared instead: the table pins it and its own slot is freed. Raises
+        `ValueError` if the table has fewer anonymous slots than blocks to commit.
+        """
+        if len(block_hashes) > table.num_anonymous_blocks:
+            raise ValueError(
+                f"{len(block_hashes)} blocks to commit, the table has "
+                f"{table.num_anonymous_blocks} anonymous slots"
+            )
+        self._flush_removed()
+        blocks = self._blocks
+        chain = table.block_hashes
+        run: list[BlockHash] = []
+        run_parent = chain[-1] if chain else None
+        for block_hash in block_hashes:
+            existing = blocks.get(block_hash)
+            if existing is not None:
+                self._pin(existing)
+                if run:
+                    self._events.append(BlocksStored(tuple(run), run_parent))
+                    run = []
+                run_parent = block_hash
+            else:
+                blocks[block_hash] = CachedBlock(block_hash, len(chain), 1)
+                run.append(block_hash)
+            chain.append(block_hash)
+        if run:
+            self._events.append(BlocksStored(tuple(run), run_parent))
+        self._num_anonymous -= len(block_hashes)
+        table.num_anonymous_blocks -= len(block_hashes)
 
     def clear(self) -> None:
         """Drop every block (a restarted GPU). Only valid while no request is running."""
@@ -215,14 +342,26 @@ class BlockCache:
         self._blocks.clear()
         self._evictable_heap.clear()
         self._num_evictable = 0
+        self._flush_removed()
         self._events.append(AllBlocksCleared())
 
     def take_events(self) -> list[CacheEvent]:
         """Return and forget the events since the last call, oldest first."""
+        self._flush_removed()
         events, self._events = self._events, []
         return events
 
     # -- internals -----------------------------------------------------------------------
+    def _record_removed(self, evicted: list[BlockHash]) -> None:
+        """Evictions of consecutive `allocate_slots` calls become one removed event (they
+        replay the same either way); it is closed by the next other event or `take_events`."""
+        self._open_removed.extend(evicted)
+
+    def _flush_removed(self) -> None:
+        if self._open_removed:
+            self._events.append(BlocksRemoved(tuple(self._open_removed)))
+            self._open_removed = []
+
     def _pin(self, block: CachedBlock) -> None:
         if block.ref_count == 0:
             self._num_evictable -= 1  # its heap entry is now stale

@@ -18,6 +18,12 @@ class RequestResult:
     """Times are simulated milliseconds; `start_ms`/`finish_ms` are offsets from the run start.
 
     For rejected and failed requests the latency fields are 0 and `reason` is set.
+
+    `tpot_ms` is the time per output token: for the batched engine, whose prefill step emits
+    the first token, ``(finish − first token) / (decode_tokens − 1)``; for the sequential
+    engine, whose prefill emits none, ``decode_ms / decode_tokens``. None when there is no
+    gap to time (fewer than 2 tokens, or 0 for the sequential engine; results stored before
+    the field existed). `preemptions` counts how often the batched engine preempted it.
     """
 
     request_id: str
@@ -42,6 +48,8 @@ class RequestResult:
     evictions: int = 0
     cache_used_blocks: int = 0
     cache_capacity_blocks: int = 0
+    tpot_ms: float | None = None
+    preemptions: int = 0
 
     @property
     def hit_tokens(self) -> int:

@@ -1,9 +1,13 @@
-"""One simulated GPU: admission, block allocation, latency, release — no I/O, no clock.
+"""The sequential engine: one simulated GPU serving one request at a time — no I/O, no clock.
 
 The live KV worker and the virtual-time simulator both drive a `SimulatedGpu`, so they share
 every rule: the block cache, the latency model, the decode-length oracle and the rejection of
 requests that can never fit. A GPU serves one request at a time (the caller guarantees it),
 so a request's blocks are pinned from `start` to `finish`.
+
+Pricing: the seed's `LatencyModel` (prefill = base + per block × blocks to compute, decode =
+per token × output tokens), or, given a `SequentialStepPricing`, a calibrated step model at
+batch 1 (`kvqueue.gpu.profiles`).
 """
 
 from __future__ import annotations
@@ -11,12 +15,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from kvqueue.errors import RequestRejected
+from kvqueue.gpu.admission import check_context, output_length
 from kvqueue.gpu.cache import Allocation, BlockCache
 from kvqueue.gpu.events import CacheEvent
 from kvqueue.gpu.latency import LatencyModel
 from kvqueue.gpu.oracle import DecodeLengthOracle, FallbackOracle
 from kvqueue.gpu.presets import Preset, get_preset
+from kvqueue.gpu.profiles import SequentialStepPricing
 from kvqueue.gpu.request import Request
 
 
@@ -30,10 +35,19 @@ class Execution:
     decode_tokens: int
     decode_source: str
     decode_ms: float
+    # Decode token i (0-based) takes first_token_gap_ms + i × gap_growth_ms: constant for the
+    # seed's model, growing with the context under a step model.
+    first_token_gap_ms: float = 0.0
+    gap_growth_ms: float = 0.0
 
     @property
     def service_ms(self) -> float:
         return self.prefill_ms + self.decode_ms
+
+    @property
+    def tpot_ms(self) -> float | None:
+        """Decode time per output token (the prefill emits none); None without output."""
+        return self.decode_ms / self.decode_tokens if self.decode_tokens else None
 
 
 class SimulatedGpu:
@@ -44,29 +58,21 @@ class SimulatedGpu:
         preset: Preset | None = None,
         latency: LatencyModel | None = None,
         oracle: DecodeLengthOracle | None = None,
+        pricing: SequentialStepPricing | None = None,
     ) -> None:
         self.preset = preset or get_preset()
         self.latency = latency or LatencyModel()
         self.oracle = oracle or FallbackOracle()
+        self.pricing = pricing
         self.cache = BlockCache(self.preset.num_blocks)
 
     def decode_tokens(self, request: Request) -> tuple[int, str]:
         """Output length and which oracle decided it, capped by the context window."""
-        tokens, source = self.oracle.decode_length(request)
-        room = self.preset.max_context_tokens - request.num_prompt_tokens
-        if tokens > room and request.max_tokens is None:
-            return max(0, room), source
-        return tokens, source
+        return output_length(self.oracle, request, self.preset)
 
     def check_admissible(self, request: Request, decode_tokens: int) -> None:
         """Raise `RequestRejected` (with the reason) if the request can never be served."""
-        context = self.preset.max_context_tokens
-        total = request.num_prompt_tokens + decode_tokens
-        if request.num_prompt_tokens >= context or total > context:
-            raise RequestRejected(
-                f"prompt of {request.num_prompt_tokens:,} tokens + {decode_tokens:,} output "
-                f"tokens exceeds the {context:,}-token context of {self.preset.name}"
-            )
+        check_context(request, decode_tokens, self.preset)
         self.cache.check_fits(request.num_blocks, self.num_anonymous_blocks(request, decode_tokens))
 
     def num_anonymous_blocks(self, request: Request, decode_tokens: int) -> int:
@@ -83,13 +89,26 @@ class SimulatedGpu:
         allocation = self.cache.allocate(
             request.block_hashes, self.num_anonymous_blocks(request, decode_tokens)
         )
+        if self.pricing is None:
+            prefill_ms = self.latency.prefill_ms(allocation.num_blocks_to_compute)
+            decode_ms = self.latency.decode_ms(decode_tokens)
+            first_gap, growth = self.latency.decode_per_token_ms, 0.0
+        else:
+            prompt = request.num_prompt_tokens
+            hit_tokens = allocation.num_hit_blocks * self.preset.block_size
+            prefill_ms = self.pricing.prefill_ms(prompt, hit_tokens)
+            decode_ms = self.pricing.decode_ms(prompt, decode_tokens)
+            first_gap = self.pricing.first_decode_step_ms(prompt)
+            growth = self.pricing.cost.decode_context_ms
         return Execution(
             request=request,
             allocation=allocation,
-            prefill_ms=self.latency.prefill_ms(allocation.num_blocks_to_compute),
+            prefill_ms=prefill_ms,
             decode_tokens=decode_tokens,
             decode_source=source,
-            decode_ms=self.latency.decode_ms(decode_tokens),
+            decode_ms=decode_ms,
+            first_token_gap_ms=first_gap,
+            gap_growth_ms=growth,
         )
 
     def finish(self, execution: Execution) -> None:

@@ -242,6 +242,7 @@ def _completed(
         decode_source=execution.decode_source,
         evictions=execution.allocation.num_evicted,
         cache_used_blocks=used_blocks,
+        tpot_ms=execution.tpot_ms,
         **base,
     )
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvqueue.gpu.engines import EngineConfig
 from kvqueue.gpu.latency import LatencyModel
 from kvqueue.gpu.oracle import DecodeLengthOracle
 from kvqueue.gpu.presets import Preset, get_preset
@@ -33,10 +34,12 @@ def compare(
     pending_ttl_ms: float = DEFAULT_PENDING_TTL_MS,
     meta: dict | None = None,
     jobs: int = 1,
+    engine: EngineConfig | None = None,
 ) -> dict:
     """Run every strategy (fresh state each) and return the dashboard dict (`build_dashboard`)."""
     preset = preset or get_preset()
-    results = run_strategies(
+    engine = engine or EngineConfig()
+    runs = run_strategies(
         requests,
         strategies,
         num_workers,
@@ -46,10 +49,18 @@ def compare(
         run_id,
         pending_ttl_ms,
         jobs=jobs,
+        engine=engine,
     )
     info = {"preset": preset.name, "num_blocks": preset.num_blocks, "run_id": run_id}
+    info.update(engine.describe(preset))
     info.update(meta or {})
-    return build_dashboard(results, list(requests), worker_names(num_workers), info)
+    return build_dashboard(
+        {name: run.results for name, run in runs.items()},
+        list(requests),
+        worker_names(num_workers),
+        info,
+        {name: run.engine_stats for name, run in runs.items()},
+    )
 
 
 @dataclass(frozen=True, slots=True)

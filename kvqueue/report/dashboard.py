@@ -9,6 +9,7 @@ The same shape for simulated and live runs, so analysis scripts and plots read e
       "strategies": {name: {             # kvqueue.report.metrics.summarize(...) plus:
           "ideal_hit_rate": x,           #   the bound for *this* strategy's hit_rate
           "hit_rate_of_ideal": x,        #   hit_rate / ideal_hit_rate
+          "engine": {...} | None,        #   kvqueue.report.engine_metrics (simulated runs)
           ...}}
     }
 
@@ -31,8 +32,10 @@ from typing import Any
 
 import orjson
 
+from kvqueue.gpu.engine_stats import EngineStats
 from kvqueue.gpu.request import Request
 from kvqueue.gpu.results import RequestResult, RequestStatus
+from kvqueue.report.engine_metrics import summarize_engines
 from kvqueue.report.metrics import ideal_hit_rate, ratio, summarize
 
 DASHBOARD_FILE = "dashboard_results.json"
@@ -52,11 +55,13 @@ def build_dashboard(
     requests: Sequence[Request],
     workers: Sequence[str],
     meta: Mapping[str, Any] | None = None,
+    engine_stats: Mapping[str, Mapping[str, EngineStats]] | None = None,
 ) -> dict[str, Any]:
     """Summaries of every strategy next to the ideal hit rate (shape in the module docstring).
 
     `requests` is the workload every strategy ran (for the ideal); `workers` lists every
     worker, so idle ones show up with zeros. Strategies keep the mapping's order.
+    `engine_stats` maps a strategy to its workers' `EngineStats` (None where not recorded).
     """
     served: set[str] = set()
     for results in results_by_strategy.values():
@@ -72,6 +77,7 @@ def build_dashboard(
         summary["hit_rate_of_ideal"] = (
             ratio(hit_rate, own_ideal) if hit_rate is not None and own_ideal is not None else None
         )
+        summary["engine"] = summarize_engines((engine_stats or {}).get(name) or {})
         strategies[name] = summary
     info: dict[str, Any] = {
         "workers": list(workers),

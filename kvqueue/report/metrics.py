@@ -6,14 +6,16 @@ Definitions (times in simulated milliseconds):
   **token hit rate** = Σ hit tokens (16 × hit_blocks) / Σ prompt tokens over completed
   requests — lower than the block rate because partial last blocks never hit.
 - **latency stats** of queue wait, prefill, decode, TTFT and end-to-end: mean, p50, p90, p99
-  (``numpy.percentile``, linear interpolation) over completed requests.
+  (``numpy.percentile``, linear interpolation) over completed requests; **TPOT** (time per
+  output token, `RequestResult.tpot_ms`) the same over the completed requests that have one.
 - **makespan** = last `finish_ms` − first `arrival_ms` over completed requests;
   **throughput** = completed requests per second of makespan (and output tokens per second).
 - **per worker**: completed requests, their prompt tokens, blocks and hit blocks, output
   tokens, and rejected/failed counts. Every worker in `workers` appears, idle ones with zeros.
 - **imbalance** of completed requests per worker over `workers` ∪ workers seen in the results:
   max / mean and coefficient of variation (population std / mean).
-- counts: completed, rejected, failed, evictions (Σ over all results), decode sources.
+- counts: completed, rejected, failed, evictions and preemptions (Σ over all results),
+  decode sources.
 
 A ratio or statistic with nothing to measure (no completed requests, no blocks, zero makespan,
 no workers) is ``None``; counts are 0. Every value is a plain int, float, str, None, list or
@@ -135,9 +137,10 @@ def summarize(results: Sequence[RequestResult], workers: Iterable[str] | None = 
     """The run's aggregates as a JSON-ready dict (definitions in the module docstring).
 
     Keys: num_results, completed, rejected, failed, hit_rate, token_hit_rate, hit_blocks,
-    num_blocks, prompt_tokens, queue_wait_ms, prefill_ms, decode_ms, ttft_ms, e2e_ms (each
-    {mean, p50, p90, p99}), makespan_ms, throughput_rps, output_tokens_per_s, evictions,
-    decode_sources, per_worker, imbalance. An empty `results` gives zero counts, None ratios.
+    num_blocks, prompt_tokens, queue_wait_ms, prefill_ms, decode_ms, ttft_ms, e2e_ms, tpot_ms
+    (each {mean, p50, p90, p99}), makespan_ms, throughput_rps, output_tokens_per_s, evictions,
+    preemptions, decode_sources, per_worker, imbalance. An empty `results` gives zero counts,
+    None ratios.
     """
     done = completed(results)
     workers_table = per_worker(results, workers or ())
@@ -149,7 +152,9 @@ def summarize(results: Sequence[RequestResult], workers: Iterable[str] | None = 
     for name in LATENCY_FIELDS:
         summary[name] = latency_stats([getattr(r, name) for r in done])
     summary.update(throughput(done))
+    summary["tpot_ms"] = latency_stats([r.tpot_ms for r in done if r.tpot_ms is not None])
     summary["evictions"] = sum(r.evictions for r in results)
+    summary["preemptions"] = sum(r.preemptions for r in results)
     summary["decode_sources"] = dict(sorted(Counter(r.decode_source for r in done).items()))
     summary["per_worker"] = workers_table
     summary["imbalance"] = imbalance([row["requests"] for row in workers_table.values()])

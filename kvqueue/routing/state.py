@@ -14,6 +14,7 @@ import redis
 
 from kvqueue import keys
 from kvqueue.gpu.events import CacheEvent
+from kvqueue.gpu.load_signals import LoadSignals
 from kvqueue.gpu.request import Request
 from kvqueue.routing.index import InMemoryIndex, apply_events
 from kvqueue.routing.redis_index import RedisIndex
@@ -149,16 +150,19 @@ def _mean_output(stats: dict[str, str]) -> float | None:
 
 
 class InMemoryRouterState:
-    """Router state in process memory, for the simulator. `clock` returns milliseconds."""
+    """Router state in process memory, for the simulator. `clock` returns milliseconds;
+    `signals(worker)`, when given, reads that worker's engine load signals for the view."""
 
     def __init__(
         self,
         workers: Sequence[str],
         clock: Callable[[], float] | None = None,
         pending_ttl_ms: float = 30_000.0,
+        signals: Callable[[str], LoadSignals] | None = None,
     ) -> None:
         self.workers = tuple(sorted(workers, key=worker_order))
         self.clock = clock or (lambda: time.monotonic() * 1000.0)
+        self.signals = signals or (lambda worker: LoadSignals())
         self.index = InMemoryIndex(self.clock)
         self.pending_ttl_ms = pending_ttl_ms
         self.requests = dict.fromkeys(self.workers, 0)
@@ -178,17 +182,21 @@ class InMemoryRouterState:
             self._ticket += 1
         matches = self.index.match(request.block_hashes)
         now = self.clock()
-        loads = {
-            w: WorkerLoad(
+        loads = {}
+        for w in self.workers:
+            engine = self.signals(w)
+            loads[w] = WorkerLoad(
                 self.requests[w],
                 self.tokens[w],
                 max(0.0, self.work_ms[w]),
                 self.used_blocks[w],
                 self.capacity_blocks[w],
                 max(0.0, now - self.busy_since[w]) if self.requests[w] > 0 else 0.0,
+                engine.num_running,
+                engine.num_waiting,
+                engine.kv_usage,
+                engine.num_queued_prefill_tokens,
             )
-            for w in self.workers
-        }
         mean_output = self._output_tokens / self._completed if self._completed else None
         return RouterView(
             self.workers,

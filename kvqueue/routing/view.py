@@ -17,6 +17,14 @@ class WorkerLoad:
     last reported (after its last request ended). `elapsed_ms` is how long the request at
     the head of the worker's queue has been in service, as the router saw it start (at its
     commit to an idle worker, or at the previous completion); 0 when idle.
+
+    The engine's own load signals, as a serving engine exports them
+    (`kvqueue.gpu.load_signals.LoadSignals`, after vLLM's metrics): `num_running` and
+    `num_waiting` requests, `engine_kv_usage` (fraction of KV blocks pinned by running
+    requests: evictable cached blocks count as free, unlike `kv_usage`) and
+    `num_queued_prefill_tokens`. The simulator fills them from each worker's engine at the
+    moment of the decision; where a worker does not publish them (the live pipeline, for
+    now) they keep their defaults, 0.
     """
 
     requests: int = 0
@@ -25,6 +33,10 @@ class WorkerLoad:
     used_blocks: int = 0
     capacity_blocks: int = 0
     elapsed_ms: float = 0.0
+    num_running: int = 0
+    num_waiting: int = 0
+    engine_kv_usage: float = 0.0
+    num_queued_prefill_tokens: int = 0
 
     @property
     def kv_usage(self) -> float:

@@ -9,17 +9,18 @@ from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from typing import Any
 
 from kvqueue.errors import ConfigError
+from kvqueue.gpu.engines import EngineConfig
 from kvqueue.gpu.latency import LatencyModel
 from kvqueue.gpu.oracle import DecodeLengthOracle
 from kvqueue.gpu.presets import Preset, get_preset
 from kvqueue.gpu.request import Request
-from kvqueue.gpu.results import RequestResult
 from kvqueue.routing.policies import make_policy
 from kvqueue.sim.simulation import (
     DEFAULT_PENDING_TTL_MS,
     DEFAULT_RUN_ID,
     ProgressCallback,
-    simulate,
+    SimulationRun,
+    simulate_run,
 )
 
 
@@ -55,28 +56,35 @@ def run_strategies(
     pending_ttl_ms: float = DEFAULT_PENDING_TTL_MS,
     progress: ProgressCallback | None = None,
     jobs: int = 1,
-) -> dict[str, list[RequestResult]]:
-    """`simulate` once per strategy, each on fresh workers, caches and router state.
+    engine: EngineConfig | None = None,
+) -> dict[str, SimulationRun]:
+    """`simulate_run` once per strategy, each on fresh workers, caches and router state.
 
     Every strategy sees the same requests; the result maps each strategy (in the given
-    order) to its results. Strategies are validated before anything runs. `progress(n)` is
+    order) to its run: results and engine statistics. Strategies and the engine are
+    validated before anything runs. `progress(n)` is
     called as requests end, over all strategies. With ``jobs > 1`` strategies run in that
     many forked processes (they share nothing, so the results are identical to a serial
     run); where fork is unavailable they run serially.
     """
     check_strategies(strategies)
+    preset = preset or get_preset()
+    engine = engine or EngineConfig()
+    engine.check(preset)
     run_kwargs: dict[str, Any] = {
         "num_workers": num_workers,
-        "preset": preset or get_preset(),
+        "preset": preset,
         "latency": latency,
         "oracle": oracle,
         "run_id": run_id,
         "pending_ttl_ms": pending_ttl_ms,
+        "engine": engine,
     }
     jobs = min(jobs, len(strategies))
     if jobs <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         return {
-            name: simulate(requests, name, progress=progress, **run_kwargs) for name in strategies
+            name: simulate_run(requests, name, progress=progress, **run_kwargs)
+            for name in strategies
         }
     return _run_forked(requests, strategies, run_kwargs, progress, jobs)
 
@@ -87,7 +95,7 @@ _FORK_STATE: dict[str, Any] | None = None
 _PROGRESS_POLL_S = 0.2
 
 
-def _simulate_in_child(position: int, strategy: str) -> list[RequestResult]:
+def _simulate_in_child(position: int, strategy: str) -> SimulationRun:
     state = _FORK_STATE
     assert state is not None, "_simulate_in_child runs only in a child forked by _run_forked"
     counter = state["counters"][position]
@@ -96,7 +104,7 @@ def _simulate_in_child(position: int, strategy: str) -> list[RequestResult]:
         with counter.get_lock():
             counter.value += n
 
-    return simulate(state["requests"], strategy, progress=tick, **state["kwargs"])
+    return simulate_run(state["requests"], strategy, progress=tick, **state["kwargs"])
 
 
 def _run_forked(
@@ -105,8 +113,8 @@ def _run_forked(
     run_kwargs: dict[str, Any],
     progress: ProgressCallback | None,
     jobs: int,
-) -> dict[str, list[RequestResult]]:
-    """`simulate(requests, strategy, **run_kwargs)` per strategy, in `jobs` forked processes."""
+) -> dict[str, SimulationRun]:
+    """`simulate_run(requests, strategy, **run_kwargs)` per strategy, in `jobs` forked processes."""
     global _FORK_STATE
     context = multiprocessing.get_context("fork")
     counters = [context.Value("q", 0) for _ in strategies]

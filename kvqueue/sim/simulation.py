@@ -1,30 +1,28 @@
 """The virtual-time simulator: the live pipeline's components around a discrete-event loop.
 
-Nothing here models a GPU, a cache or a policy: each worker is a `SimulatedGpu` (the engine
-the live KV worker drives), the router is `Router` over an `InMemoryRouterState` whose index
-is fed by the caches' own events, and the policy comes from the registry. This module only
-decides *when* things happen, in virtual milliseconds.
+Nothing here models a GPU, a cache or a policy: each worker is an engine (`SimulatedGpu`, the
+sequential one the live KV worker drives, or `BatchedGpu`) advanced by a driver
+(`kvqueue.sim.sequential_worker`, `kvqueue.sim.batched_worker`, which state each engine's
+timing rules), the router is `Router` over an `InMemoryRouterState` whose index is fed by the
+caches' own events, and the policy comes from the registry. This module only decides *when*
+things happen, in virtual milliseconds.
 
 Semantics (the live worker's, so a parity test can compare the two exactly):
 
 - A request arrives at its `arrival_ms`. At that instant the router decides and commits
-  (pending marks on the chosen worker, outstanding load raised) and the request joins the
-  tail of that worker's FIFO queue. Requests are taken in order of `arrival_ms`; equal
-  arrival times keep their list order.
-- Each worker serves one request at a time. Starting a request at time t calls
-  `gpu.start` (lookup, allocation with eviction, prefill and decode priced) and applies the
-  cache events it produced to the router's index *at t*. The request finishes at
-  t + prefill_ms + decode_ms; then `gpu.finish` releases its blocks and the router's load
-  for it is released.
-- A request the GPU can never serve (`RequestRejected`) ends at its start time with status
-  "rejected", its reason, zero latencies, and its load released; the worker moves straight
-  on to its next queued request at the same instant. Any other domain error while starting
-  ends the request as "failed" the same way.
-- Order of simultaneous events at time t: first every finish at t (in worker order), each
-  immediately followed by that worker starting its next queued request at t; then every
-  arrival at t (in list order), each routed, queued and — if its worker is idle — started
-  at t before the next arrival is routed. So an arrival at t sees the loads and the cache
-  events of everything that finished or started at t.
+  (pending marks on the chosen worker, outstanding load raised) and the request joins that
+  worker's queue. Requests are taken in order of `arrival_ms`; equal arrival times keep their
+  list order.
+- Each worker has at most one pending event (a request or a step finishing); events run in
+  time order, ties in worker order. When a request ends its load is released and its result
+  recorded.
+- Order of simultaneous events at time t: first every worker event at t (in worker order),
+  each followed by whatever that worker starts at t; then every arrival at t (in list order),
+  each routed, queued and — if its worker is idle — started at t before the next arrival is
+  routed. So an arrival at t sees the loads and the cache events of everything that ended or
+  started at t. Before each routing decision every worker catches up to t (a batched worker
+  in a decode run performs the allocations of the steps begun by t), so the router's index
+  and the engines' load signals (`RouterView`'s `WorkerLoad`) are exact at t.
 
 Invariant: every request ends with exactly one result (completed, rejected or failed); the
 results come back in the order of the input list.
@@ -35,20 +33,27 @@ from __future__ import annotations
 import contextlib
 import gc
 import heapq
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from kvqueue.errors import ConfigError, KVQueueError, RequestRejected
-from kvqueue.gpu.latency import LatencyModel, end_to_end_ms, ttft_ms
+from kvqueue.errors import ConfigError
+from kvqueue.gpu.batched_gpu import BatchedGpu
+from kvqueue.gpu.engine_stats import EngineStats
+from kvqueue.gpu.engines import EngineConfig
+from kvqueue.gpu.events import CacheEvent
+from kvqueue.gpu.latency import LatencyModel
+from kvqueue.gpu.load_signals import LoadSignals
 from kvqueue.gpu.oracle import DecodeLengthOracle, FallbackOracle
 from kvqueue.gpu.presets import Preset, get_preset
 from kvqueue.gpu.request import Request
 from kvqueue.gpu.results import RequestResult, RequestStatus
-from kvqueue.gpu.simulated_gpu import Execution, SimulatedGpu
+from kvqueue.gpu.simulated_gpu import SimulatedGpu
 from kvqueue.routing.policies.base import make_policy
-from kvqueue.routing.router import Decision, Router
+from kvqueue.routing.router import Router
 from kvqueue.routing.state import InMemoryRouterState
+from kvqueue.sim.batched_worker import BatchedWorker
+from kvqueue.sim.host import Queued, WorkerDriver
+from kvqueue.sim.sequential_worker import SequentialWorker
 
 DEFAULT_STRATEGIES = ("cache_aware", "round_robin", "least_loaded")
 DEFAULT_PENDING_TTL_MS = 30_000.0  # the live router's default (Settings.pending_ttl_s = 30)
@@ -64,26 +69,13 @@ def worker_names(num_workers: int) -> list[str]:
     return [f"worker-{i}" for i in range(num_workers)]
 
 
-@dataclass(slots=True)
-class _Queued:
-    """A routed request waiting in (or being served by) its worker."""
+@dataclass(frozen=True, slots=True)
+class SimulationRun:
+    """One strategy's simulated run: a result per request (input order) and, per worker, what
+    its engine did (`EngineStats`)."""
 
-    position: int  # index in the caller's request list, where its result goes
-    request: Request
-    decision: Decision
-
-
-@dataclass(slots=True)
-class _Worker:
-    """One simulated GPU with its FIFO queue. `running` is set from start to finish."""
-
-    name: str
-    gpu: SimulatedGpu
-    queue: deque[_Queued] = field(default_factory=deque)
-    running: _Queued | None = None
-    execution: Execution | None = None
-    start_ms: float = 0.0
-    cache_used_blocks: int = 0
+    results: list[RequestResult]
+    engine_stats: dict[str, EngineStats]
 
 
 @contextlib.contextmanager
@@ -107,8 +99,9 @@ def _cyclic_gc_paused() -> Iterator[None]:
 class Simulation:
     """One strategy on fresh workers, caches and router state, driven in virtual time.
 
-    Invariants: a worker runs at most one request; `now` never decreases; every request
-    put in gets exactly one result. Use `run` once per instance.
+    Invariants: `now` never decreases; every request put in gets exactly one result; each
+    worker has at most one live event in the heap. Use `run` once per instance.
+    `token_times` (batched engine) collects every output token's time per request id.
     """
 
     def __init__(
@@ -120,27 +113,57 @@ class Simulation:
         oracle: DecodeLengthOracle | None = None,
         run_id: str = DEFAULT_RUN_ID,
         pending_ttl_ms: float = DEFAULT_PENDING_TTL_MS,
+        engine: EngineConfig | None = None,
+        token_times: dict[str, list[float]] | None = None,
     ) -> None:
         preset = preset or get_preset()
         latency = latency or LatencyModel()
         oracle = oracle or FallbackOracle()
+        engine = engine or EngineConfig()
+        engine.check(preset)
         self.strategy = strategy
         self.run_id = run_id
+        self.engine = engine
         self.now = 0.0
         names = worker_names(num_workers)
-        self.state = InMemoryRouterState(names, clock=self._clock, pending_ttl_ms=pending_ttl_ms)
+        self.state = InMemoryRouterState(
+            names, clock=self._clock, pending_ttl_ms=pending_ttl_ms, signals=self._signals
+        )
         self.router = Router(self.state, make_policy(strategy), latency)
-        # Worker index = position in the router's worker order, used to break finish ties.
-        self.workers = [_Worker(name, SimulatedGpu(preset, latency, oracle)) for name in names]
-        for worker in self.workers:  # as a live worker does on start
-            self.state.register_capacity(worker.name, worker.gpu.cache.num_blocks)
+        # Worker index = position in the router's worker order, used to break event ties.
+        self.workers: list[WorkerDriver] = [
+            self._make_worker(name, preset, latency, oracle, engine, token_times) for name in names
+        ]
+        for name in names:  # as a live worker does on start
+            self.state.register_capacity(name, preset.num_blocks)
         self._by_name = {w.name: i for i, w in enumerate(self.workers)}
-        self._finishes: list[tuple[float, int]] = []  # (finish_ms, worker index)
+        self._events: list[tuple[float, int, int]] = []  # (time, worker index, version)
+        self._versions = [0] * len(self.workers)
+        self._pending: list[float | None] = [None] * len(self.workers)
         self._results: list[RequestResult | None] = []
         self._progress: ProgressCallback | None = None
 
+    def _make_worker(
+        self,
+        name: str,
+        preset: Preset,
+        latency: LatencyModel,
+        oracle: DecodeLengthOracle,
+        engine: EngineConfig,
+        token_times: dict[str, list[float]] | None,
+    ) -> WorkerDriver:
+        if engine.is_batched:
+            gpu = BatchedGpu(preset, oracle, engine.scheduler_config(preset))
+            cost = engine.step_cost(preset, latency)
+            return BatchedWorker(name, gpu, cost, self, engine.fast_forward, token_times)
+        pricing = engine.sequential_pricing(preset)
+        return SequentialWorker(name, SimulatedGpu(preset, latency, oracle, pricing), self)
+
     def _clock(self) -> float:
         return self.now
+
+    def _signals(self, worker: str) -> LoadSignals:
+        return self.workers[self._by_name[worker]].signals()
 
     def run(
         self, requests: Sequence[Request], progress: ProgressCallback | None = None
@@ -152,129 +175,90 @@ class Simulation:
         self._progress = progress
         self._results = [None] * len(requests)
         arrivals = sorted(range(len(requests)), key=lambda i: requests[i].arrival_ms)
-        finishes = self._finishes
+        events = self._events
+        catching_up = self.engine.is_batched
         with _cyclic_gc_paused():
             for position in arrivals:
                 request = requests[position]
                 arrival = request.arrival_ms
-                while finishes and finishes[0][0] <= arrival:
-                    self._finish_next()
+                while events and events[0][0] <= arrival:
+                    self._next_event()
                 self.now = max(self.now, arrival)
+                if catching_up:
+                    for worker in self.workers:
+                        worker.catch_up(self.now)
                 self._arrive(position, request)
-            while finishes:
-                self._finish_next()
+            while events:
+                self._next_event()
         missing = [requests[i].request_id for i, r in enumerate(self._results) if r is None]
         assert not missing, f"requests without a result: {missing[:5]}"
         return list(self._results)  # type: ignore[arg-type]
+
+    def engine_stats(self) -> dict[str, EngineStats]:
+        return {worker.name: worker.stats for worker in self.workers}
 
     # -- events --------------------------------------------------------------------------
     def _arrive(self, position: int, request: Request) -> None:
         decision = self.router.route(request)
         self.router.commit(request, decision)
         index = self._by_name[decision.worker]
-        worker = self.workers[index]
-        worker.queue.append(_Queued(position, request, decision))
-        if worker.running is None:
-            self._start_next(index)
+        self.workers[index].submit(Queued(position, request, decision), self.now)
+        self._reschedule(index)
 
-    def _finish_next(self) -> None:
-        finish_ms, index = heapq.heappop(self._finishes)
-        self.now = finish_ms
-        worker = self.workers[index]
-        item, execution = worker.running, worker.execution
-        assert item is not None and execution is not None
-        worker.gpu.finish(execution)
-        self.state.complete(
-            worker.name,
-            item.decision.load_tokens,
-            item.decision.estimated_ms,
-            used_blocks=worker.gpu.cache.num_used_slots,
-            output_tokens=execution.decode_tokens,
-        )
-        # Release emits nothing today (eviction is lazy); drained so the index never lags.
-        self._apply_events(worker)
-        queue_wait = worker.start_ms - item.request.arrival_ms
-        ttft = ttft_ms(queue_wait, execution.prefill_ms)
-        self._record(
-            item,
-            worker,
-            RequestStatus.COMPLETED,
-            start_ms=worker.start_ms,
-            finish_ms=finish_ms,
-            queue_wait_ms=queue_wait,
-            prefill_ms=execution.prefill_ms,
-            decode_ms=execution.decode_ms,
-            ttft_ms=ttft,
-            e2e_ms=end_to_end_ms(ttft, execution.decode_ms),
-            hit_blocks=execution.allocation.num_hit_blocks,
-            decode_tokens=execution.decode_tokens,
-            decode_source=execution.decode_source,
-            evictions=execution.allocation.num_evicted,
-            cache_used_blocks=worker.cache_used_blocks,
-        )
-        worker.running = worker.execution = None
-        self._start_next(index)
+    def _next_event(self) -> None:
+        time_ms, index, version = heapq.heappop(self._events)
+        if version != self._versions[index]:
+            return  # superseded: the worker's next event moved
+        self._pending[index] = None
+        self.now = time_ms
+        self.workers[index].on_event(time_ms)
+        self._reschedule(index)
 
-    def _start_next(self, index: int) -> None:
-        """Start the worker's next queued request now; skip past any that end at once."""
-        worker = self.workers[index]
-        while worker.queue:
-            item = worker.queue.popleft()
-            try:
-                execution = worker.gpu.start(item.request)
-            except RequestRejected as exc:
-                self._end_unserved(item, worker, RequestStatus.REJECTED, exc.reason)
-                continue
-            except KVQueueError as exc:
-                self._end_unserved(item, worker, RequestStatus.FAILED, str(exc))
-                continue
-            self._apply_events(worker)
-            worker.running, worker.execution = item, execution
-            worker.start_ms = self.now
-            worker.cache_used_blocks = worker.gpu.cache.num_used_slots
-            heapq.heappush(self._finishes, (self.now + execution.service_ms, index))
+    def _reschedule(self, index: int) -> None:
+        """Put the worker's next event on the heap if it changed."""
+        time_ms = self.workers[index].next_event_ms()
+        if time_ms == self._pending[index]:
             return
+        self._versions[index] += 1
+        self._pending[index] = time_ms
+        if time_ms is not None:
+            heapq.heappush(self._events, (time_ms, index, self._versions[index]))
 
-    def _end_unserved(
-        self, item: _Queued, worker: _Worker, status: RequestStatus, reason: str
+    # -- the host protocol (kvqueue.sim.host) ---------------------------------------------
+    def apply_events(self, worker: str, events: Sequence[CacheEvent]) -> None:
+        self.state.apply_events(worker, events)
+
+    def release_load(
+        self, worker: str, item: Queued, used_blocks: int, output_tokens: int | None
     ) -> None:
-        self._apply_events(worker)  # a refused start changes nothing, but never lag the index
         self.state.complete(
-            worker.name,
+            worker,
             item.decision.load_tokens,
             item.decision.estimated_ms,
-            used_blocks=worker.gpu.cache.num_used_slots,
-        )
-        self._record(
-            item,
-            worker,
-            status,
-            reason=reason,
-            start_ms=self.now,
-            finish_ms=self.now,
-            cache_used_blocks=worker.gpu.cache.num_used_slots,
+            used_blocks=used_blocks,
+            output_tokens=output_tokens,
         )
 
-    def _apply_events(self, worker: _Worker) -> None:
-        events = worker.gpu.take_events()
-        if events:
-            self.state.apply_events(worker.name, events)
-
-    def _record(
-        self, item: _Queued, worker: _Worker, status: RequestStatus, **fields: object
+    def record(
+        self,
+        item: Queued,
+        worker: str,
+        capacity_blocks: int,
+        status: RequestStatus,
+        **fields: object,
     ) -> None:
         request = item.request
         assert self._results[item.position] is None, f"{request.request_id} ended twice"
         self._results[item.position] = RequestResult(
             request_id=request.request_id,
             run_id=self.run_id,
-            worker=worker.name,
+            worker=worker,
             strategy=self.strategy,
             status=status,
             arrival_ms=request.arrival_ms,
             num_prompt_tokens=request.num_prompt_tokens,
             num_blocks=request.num_blocks,
-            cache_capacity_blocks=worker.gpu.cache.num_blocks,
+            cache_capacity_blocks=capacity_blocks,
             **fields,  # type: ignore[arg-type]
         )
         if self._progress is not None:
@@ -291,11 +275,34 @@ def simulate(
     run_id: str = DEFAULT_RUN_ID,
     pending_ttl_ms: float = DEFAULT_PENDING_TTL_MS,
     progress: ProgressCallback | None = None,
+    engine: EngineConfig | None = None,
 ) -> list[RequestResult]:
     """Run one strategy on `num_workers` fresh simulated GPUs; one result per request, in order.
 
     See the module docstring for the event semantics. An unknown strategy raises
     `ConfigError` listing the valid ones.
     """
-    simulation = Simulation(strategy, num_workers, preset, latency, oracle, run_id, pending_ttl_ms)
-    return simulation.run(requests, progress)
+    return simulate_run(
+        requests, strategy, num_workers, preset, latency, oracle, run_id, pending_ttl_ms,
+        progress, engine,
+    ).results  # fmt: skip
+
+
+def simulate_run(
+    requests: Sequence[Request],
+    strategy: str,
+    num_workers: int,
+    preset: Preset | None = None,
+    latency: LatencyModel | None = None,
+    oracle: DecodeLengthOracle | None = None,
+    run_id: str = DEFAULT_RUN_ID,
+    pending_ttl_ms: float = DEFAULT_PENDING_TTL_MS,
+    progress: ProgressCallback | None = None,
+    engine: EngineConfig | None = None,
+) -> SimulationRun:
+    """`simulate`, also returning each worker's `EngineStats`."""
+    simulation = Simulation(
+        strategy, num_workers, preset, latency, oracle, run_id, pending_ttl_ms, engine
+    )
+    results = simulation.run(requests, progress)
+    return SimulationRun(results, simulation.engine_stats())

@@ -1,0 +1,48 @@
+"""The engine flags every command shares; each maps onto a `Settings` field (and its
+environment variable), so a flag not given keeps the environment's value."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from kvqueue.gpu.engines import ENGINES
+from kvqueue.gpu.profiles import LATENCY_PROFILES
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument(
+        "--engine",
+        choices=ENGINES,
+        help="how a simulated GPU serves requests: sequential (one at a time, the default) "
+        "or batched (continuous batching, vLLM's scheduler) (env KVQ_ENGINE)",
+    )
+    group.add_argument(
+        "--latency",
+        choices=LATENCY_PROFILES,
+        help="latency profile: seed (the seed's constants, the default) or calibrated "
+        "(per preset, docs/latency.md) (env KVQ_LATENCY)",
+    )
+    group.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        help="batched engine: tokens per step (default: vLLM's for the GPU; "
+        "env KVQ_MAX_NUM_BATCHED_TOKENS)",
+    )
+    group.add_argument(
+        "--max-num-seqs",
+        type=int,
+        help="batched engine: running requests at most (default: vLLM's for the GPU; "
+        "env KVQ_MAX_NUM_SEQS)",
+    )
+
+
+def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword overrides for `Settings.from_env` (None: not given)."""
+    return {
+        "engine": args.engine,
+        "latency_profile": args.latency,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "max_num_seqs": args.max_num_seqs,
+    }

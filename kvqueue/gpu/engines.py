@@ -1,0 +1,91 @@
+"""Which engine a simulated GPU runs, and how its steps are priced.
+
+- ``sequential`` (the default): the seed's worker — one request at a time, FIFO
+  (`kvqueue.gpu.simulated_gpu.SimulatedGpu`).
+- ``batched``: continuous batching with vLLM's scheduling rules
+  (`kvqueue.gpu.batched_gpu.BatchedGpu`, `kvqueue.gpu.scheduler`).
+
+Either runs under either latency profile (`kvqueue.gpu.profiles`): ``seed`` (the default) or
+``calibrated``. `EngineConfig` is the one record of these choices that the simulator, the
+evaluation and (through `kvqueue.config.Settings`) every command pass around.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kvqueue.errors import ConfigError
+from kvqueue.gpu.latency import LatencyModel
+from kvqueue.gpu.presets import Preset
+from kvqueue.gpu.profiles import (
+    DEFAULT_LATENCY_PROFILE,
+    SequentialStepPricing,
+    calibrated_step_cost,
+    check_profile,
+    step_cost,
+)
+from kvqueue.gpu.scheduler import SchedulerConfig, default_scheduler_config
+from kvqueue.gpu.step_cost import StepCost
+
+ENGINES = ("sequential", "batched")
+DEFAULT_ENGINE = "sequential"
+
+
+def check_engine(name: str) -> str:
+    if name not in ENGINES:
+        raise ConfigError(f"unknown engine {name!r}; valid: {', '.join(ENGINES)}")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """An engine, its latency profile and (batched) its step limits; None = vLLM's defaults
+    for the preset's GPU. `fast_forward` (batched, simulator only) jumps over decode runs;
+    turning it off steps one forward pass at a time, with the same results."""
+
+    engine: str = DEFAULT_ENGINE
+    latency: str = DEFAULT_LATENCY_PROFILE
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
+    fast_forward: bool = True
+
+    def __post_init__(self) -> None:
+        check_engine(self.engine)
+        check_profile(self.latency)
+        for name in ("max_num_batched_tokens", "max_num_seqs"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+
+    @property
+    def is_batched(self) -> bool:
+        return self.engine == "batched"
+
+    def scheduler_config(self, preset: Preset) -> SchedulerConfig:
+        return default_scheduler_config(preset.gpu, self.max_num_batched_tokens, self.max_num_seqs)
+
+    def step_cost(self, preset: Preset, latency: LatencyModel | None = None) -> StepCost:
+        return step_cost(self.latency, preset.name, latency)
+
+    def sequential_pricing(self, preset: Preset) -> SequentialStepPricing | None:
+        """How the sequential engine prices a request: None = the seed's `LatencyModel`."""
+        if self.latency == "seed":
+            return None
+        return SequentialStepPricing(calibrated_step_cost(preset.name))
+
+    def check(self, preset: Preset) -> None:
+        """Raise `ConfigError` now if this engine cannot run on `preset`."""
+        if self.latency == "calibrated":
+            calibrated_step_cost(preset.name)
+        if self.is_batched:
+            self.scheduler_config(preset)
+
+    def describe(self, preset: Preset) -> dict[str, Any]:
+        """JSON-ready record of the engine for run metadata."""
+        info: dict[str, Any] = {"engine": self.engine, "latency_profile": self.latency}
+        if self.is_batched:
+            config = self.scheduler_config(preset)
+            info["max_num_batched_tokens"] = config.max_num_batched_tokens
+            info["max_num_seqs"] = config.max_num_seqs
+        return info
