@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from kvqueue.errors import CacheFullError, ConfigError, RequestRejected
-from kvqueue.gpu.cache import Allocation, BlockCache
+from kvqueue.gpu.cache import Allocation, BlockCache, BlockTable
 from kvqueue.gpu.events import BlocksRemoved, BlocksStored
 from kvqueue.gpu.hashing import BlockHash
 
@@ -317,3 +317,86 @@ def test_heap_compaction_keeps_the_eviction_order(make_hashes):
 def test_non_positive_capacity_is_rejected_naming_it(num_blocks):
     with pytest.raises(ConfigError, match=f"got {num_blocks}"):
         BlockCache(num_blocks)
+
+
+# -- the block table API (the batched engine) ---------------------------------------------------
+def test_a_block_table_grows_chunk_by_chunk_and_stores_blocks_as_they_fill(make_hashes):
+    cache = BlockCache(6)
+    hashes = make_hashes("p0", "p1", "p2")
+    table = BlockTable()
+    cache.pin_prefix(table, hashes, 0)
+    # A 20-token chunk: 2 slots, the first block is full.
+    assert cache.allocate_slots(table, 2) == 0
+    cache.commit_full(table, hashes[:1])
+    assert cache.take_events() == [BlocksStored((hashes[0],), None)]
+    assert (table.block_hashes, table.num_anonymous_blocks) == ([hashes[0]], 1)
+    # The next 28 tokens fill blocks 1 and 2 (one of them in the slot already held).
+    cache.allocate_slots(table, 1)
+    cache.commit_full(table, hashes[1:])
+    assert cache.take_events() == [BlocksStored(tuple(hashes[1:]), hashes[0])]
+    assert (len(table.block_hashes), table.num_anonymous_blocks, cache.num_used_slots) == (3, 0, 3)
+    assert [cache.ref_count(h) for h in hashes] == [1, 1, 1]
+
+
+def test_pinning_evictable_hits_takes_them_out_of_the_allocatable_slots(make_hashes):
+    cache = BlockCache(4)
+    shared = make_hashes("s0", "s1")
+    serve(cache, shared)
+    assert (cache.num_allocatable, cache.num_evictable_among(shared)) == (4, 2)
+    table = BlockTable()
+    cache.pin_prefix(table, [*shared, *make_hashes("s0", "s1", "x")[2:]], 2)
+    assert (cache.num_allocatable, cache.num_evictable_among(shared)) == (2, 0)
+    assert (cache.stats.num_queried_blocks, cache.stats.num_hit_blocks) == (5, 2)
+    with pytest.raises(ValueError, match="needs an empty block table"):
+        cache.pin_prefix(table, shared, 1)
+
+
+def test_allocating_slots_evicts_least_recently_released_deepest_first(make_hashes):
+    cache = BlockCache(4)
+    a, b = make_hashes("a0", "a1"), make_hashes("b0", "b1")
+    serve(cache, a)
+    serve(cache, b)
+    cache.take_events()
+    table = BlockTable()
+    assert cache.allocate_slots(table, 3) == 3
+    assert cache.allocate_slots(table, 0) == 0
+    assert removed(cache) == [a[1], a[0], b[1]]  # one event for consecutive allocations
+    assert table.num_evicted == 3
+    before = snapshot(cache)
+    with pytest.raises(CacheFullError, match="2 KV blocks needed; only 1 are free or evictable"):
+        cache.allocate_slots(table, 2)
+    assert snapshot(cache) == before
+
+
+def test_a_released_table_leaves_its_hashed_blocks_cached_and_frees_the_rest(make_hashes):
+    cache = BlockCache(8)
+    hashes = make_hashes("q0", "q1")
+    table = BlockTable()
+    cache.pin_prefix(table, hashes, 0)
+    cache.allocate_slots(table, 4)  # 2 prompt blocks, 2 of generated tokens
+    cache.commit_full(table, hashes)
+    cache.release(table)  # a preemption, or the end
+    assert (table.block_hashes, table.num_anonymous_blocks) == ([], 0)
+    assert cache.cached_hashes() == set(hashes)
+    assert (cache.num_evictable_blocks, cache.num_free_slots) == (2, 6)
+    again = BlockTable()
+    assert cache.lookup(hashes) == 2
+    cache.pin_prefix(again, hashes, 2)  # a recomputation hits its own blocks
+    assert [cache.ref_count(h) for h in hashes] == [1, 1]
+
+
+def test_committing_a_block_that_is_already_cached_shares_it(make_hashes):
+    cache = BlockCache(8)
+    hashes = make_hashes("c0", "c1")
+    first, second = BlockTable(), BlockTable()
+    for table in (first, second):  # both computed c0, c1 in the same step
+        cache.pin_prefix(table, hashes, 0)
+        cache.allocate_slots(table, 2)
+        cache.commit_full(table, hashes)
+    assert [cache.ref_count(h) for h in hashes] == [2, 2]
+    assert cache.num_used_slots == 2  # the second table's own slots went back
+    assert [e for e in cache.take_events() if isinstance(e, BlocksStored)] == [
+        BlocksStored(tuple(hashes), None)
+    ]
+    with pytest.raises(ValueError, match="1 blocks to commit, the table has 0 anonymous slots"):
+        cache.commit_full(first, make_hashes("c0", "c1", "c2")[2:])
