@@ -382,3 +382,19 @@ def test_parse_strategies_names_the_valid_ones() -> None:
         parse_strategies("cache_aware,nope")
     with pytest.raises(ValueError, match="twice"):
         parse_strategies("round_robin,round_robin")
+
+
+def test_demo_with_the_batched_engine_refuses_before_starting_anything(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    done = subprocess.run(
+        [sys.executable, "-m", "kvqueue", "demo", "--small", "--engine", "batched"],
+        cwd=tmp_path,
+        env=env | {"PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "live KV workers run the sequential engine only" in done.stderr
+    assert "kvqueue simulate --engine batched" in done.stderr
+    assert not any(tmp_path.iterdir())  # no output directory, no embedded Redis files

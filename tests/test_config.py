@@ -24,6 +24,10 @@ ENV_EXAMPLES = {
     "KVQ_PREFILL_BASE_MS": ("1.5", 1.5),
     "KVQ_PREFILL_BLOCK_MS": ("0.25", 0.25),
     "KVQ_DECODE_TOKEN_MS": ("30", 30.0),
+    "KVQ_ENGINE": ("batched", "batched"),
+    "KVQ_LATENCY": ("calibrated", "calibrated"),
+    "KVQ_MAX_NUM_BATCHED_TOKENS": ("4096", 4096),
+    "KVQ_MAX_NUM_SEQS": ("64", 64),
 }
 
 
@@ -138,3 +142,33 @@ def test_unknown_preset_in_env_is_rejected_naming_it(preset, offending):
 def test_empty_key_prefix_is_rejected():
     with pytest.raises(ConfigError, match="key_prefix"):
         Settings(key_prefix="")
+
+
+def test_engine_settings_build_the_engine_and_its_vllm_limits():
+    settings = Settings.from_env(
+        {"KVQ_ENGINE": "batched", "KVQ_LATENCY": "calibrated", "KVQ_PRESET": "qwen2.5-7b@h100-80gb"}
+    )
+    engine = settings.engine_config()
+    assert (engine.engine, engine.latency, engine.is_batched) == ("batched", "calibrated", True)
+    config = engine.scheduler_config(settings.gpu_preset())
+    assert (config.max_num_batched_tokens, config.max_num_seqs) == (8192, 1024)
+    assert Settings.from_env({}).engine_config().engine == "sequential"
+    assert Settings.from_env({}).sequential_pricing() is None  # the seed's latency model
+    assert Settings.from_env({"KVQ_LATENCY": "calibrated"}).sequential_pricing() is not None
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"KVQ_ENGINE": "vllm"}, "unknown engine 'vllm'; valid: sequential, batched"),
+        ({"KVQ_LATENCY": "fast"}, "unknown latency profile 'fast'; valid: seed, calibrated"),
+        ({"KVQ_MAX_NUM_SEQS": "0"}, "max_num_seqs must be positive, got 0"),
+        (
+            {"KVQ_MAX_NUM_BATCHED_TOKENS": "128", "KVQ_MAX_NUM_SEQS": "256"},
+            "max_num_seqs \\(256\\) exceeds max_num_batched_tokens \\(128\\)",
+        ),
+    ],
+)
+def test_bad_engine_settings_are_rejected_naming_the_value(env, message):
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env(env)

@@ -280,3 +280,19 @@ def test_a_job_run_outside_a_kv_worker_fails_at_once_naming_the_kv_worker_class(
         "tokens": {"worker-0": 0},
         "work_ms": {"worker-0": 0},
     }
+
+
+# -- an engine the live worker does not run ------------------------------------------------------
+@pytest.mark.redis
+def test_a_kv_worker_asked_for_the_batched_engine_refuses_to_start_and_registers_nothing(
+    faults: Faults,
+) -> None:
+    command = [sys.executable, "-c", "import sys; from rq.cli import main; sys.exit(main())"]
+    command += ["worker", "--burst", "--url", faults.url, "-w", "workers.KVWorker", "worker-0"]
+    env = faults.env(PYTHONPATH=str(REPO_ROOT), KVQ_ENGINE="batched")
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert completed.returncode != 0
+    assert "KVQ_ENGINE='batched': the live KV worker runs the sequential engine only" in (
+        completed.stderr + completed.stdout
+    )
+    assert faults.client.keys("*") == []  # neither RQ nor kvqueue saw a worker

@@ -37,11 +37,13 @@ from typing import Any
 
 import orjson
 
+from kvqueue.commands.engine_flags import add_engine_arguments, engine_overrides
 from kvqueue.config import Settings
-from kvqueue.errors import KVQueueError
+from kvqueue.errors import ConfigError, KVQueueError
 from kvqueue.live.comparison import comparison_meta, comparison_redis, run_comparison
 from kvqueue.live.connection import connect, redact
 from kvqueue.live.signals import graceful_signals
+from kvqueue.live.worker import LIVE_ENGINES
 from kvqueue.report.comparison import write_comparison
 from kvqueue.report.dashboard import format_table
 from kvqueue.routing.policies.base import policy_names
@@ -92,6 +94,7 @@ def configure_common(parser: argparse.ArgumentParser, default_workload: str | No
         "--max-context", type=int, help="override the model's context length (KVQ_MAX_CONTEXT)"
     )
     group.add_argument("--tokenizer", help="tokenizer name or path for --prompts")
+    add_engine_arguments(parser)
     group.add_argument("--out", type=Path, help="output directory")
     group.add_argument(
         "--timeout", type=float, default=600.0, help="seconds to wait for one run's results"
@@ -167,7 +170,13 @@ def run_comparison_command(args: argparse.Namespace, prog: str) -> int:
             max_context_tokens=args.max_context,
             tokenizer=args.tokenizer,
             time_scale=args.time_scale,
+            **engine_overrides(args),
         )
+        if settings.engine not in LIVE_ENGINES:
+            raise ConfigError(
+                f"--engine {settings.engine}: live KV workers run the sequential engine only; "
+                "simulate the batched engine with `kvqueue simulate --engine batched`"
+            )
         requests, workload_meta = build_requests(args, settings.hash_seed, settings.tokenizer)
     except (KVQueueError, ValueError) as exc:
         print_err(f"{prog}: {exc}")

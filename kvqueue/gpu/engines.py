@@ -78,8 +78,7 @@ class EngineConfig:
         """Raise `ConfigError` now if this engine cannot run on `preset`."""
         if self.latency == "calibrated":
             calibrated_step_cost(preset.name)
-        if self.is_batched:
-            self.scheduler_config(preset)
+        self.scheduler_config(preset)  # limits given for later runs must be valid too
 
     def describe(self, preset: Preset) -> dict[str, Any]:
         """JSON-ready record of the engine for run metadata."""

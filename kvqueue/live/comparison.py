@@ -95,8 +95,12 @@ class Comparison:
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
-    """Environment that gives the workers the producer's GPU preset and overrides."""
-    env = {"KVQ_PRESET": settings.preset}
+    """Environment that gives the workers the producer's GPU preset, engine and overrides."""
+    env = {
+        "KVQ_PRESET": settings.preset,
+        "KVQ_ENGINE": settings.engine,
+        "KVQ_LATENCY": settings.latency_profile,
+    }
     if settings.num_blocks is not None:
         env["KVQ_NUM_BLOCKS"] = str(settings.num_blocks)
     if settings.max_context_tokens is not None:
@@ -187,6 +191,7 @@ def comparison_meta(
         "num_blocks": preset.num_blocks,
         "max_context_tokens": preset.max_context_tokens,
         "time_scale": settings.time_scale,
+        **settings.engine_config().describe(preset),
         "latency": {
             "prefill_base_ms": settings.prefill_base_ms,
             "prefill_per_block_ms": settings.prefill_per_block_ms,

@@ -28,7 +28,7 @@ from rq.serializers import JSONSerializer
 
 from kvqueue import keys
 from kvqueue.config import Settings
-from kvqueue.errors import RequestRejected
+from kvqueue.errors import ConfigError, RequestRejected
 from kvqueue.gpu.oracle import make_oracle
 from kvqueue.gpu.request import Request
 from kvqueue.gpu.results import RequestResult, RequestStatus
@@ -40,6 +40,7 @@ from kvqueue.routing.state import RedisRouterState
 log = logging.getLogger(__name__)
 
 JOB_FUNCTION = "kvqueue.live.worker.serve_request"
+LIVE_ENGINES = ("sequential",)
 FORKED_WORKER_MESSAGE = (
     "this job ran outside a KV worker process: RQ's default worker forks per job and would "
     "simulate every request on a fresh, empty KV cache. Start the worker with "
@@ -95,8 +96,12 @@ class GpuRuntime:
         self.settings = settings
         self.prefix = settings.key_prefix
         self.pid = os.getpid()
+        check_live_engine(settings)
         self.gpu = SimulatedGpu(
-            settings.gpu_preset(), settings.latency_model(), make_oracle(settings.decode_model)
+            settings.gpu_preset(),
+            settings.latency_model(),
+            make_oracle(settings.decode_model),
+            settings.sequential_pricing(),
         )
         self.index = RedisIndex(client, self.prefix)
         self.loads = RedisRouterState(client, self.prefix)
@@ -225,6 +230,15 @@ class GpuRuntime:
         return result
 
 
+def check_live_engine(settings: Settings) -> None:
+    """Raise `ConfigError` unless the live worker can run the configured engine."""
+    if settings.engine not in LIVE_ENGINES:
+        raise ConfigError(
+            f"KVQ_ENGINE={settings.engine!r}: the live KV worker runs the sequential engine "
+            "only; the batched engine runs in `kvqueue simulate` and `kvqueue evaluate`"
+        )
+
+
 def _completed(
     base: dict[str, Any], execution: Execution, queue_wait_ms: float, used_blocks: int
 ) -> RequestResult:
@@ -319,12 +333,14 @@ class KVWorker(SimpleWorker):
                 "start one `rq worker -w workers.KVWorker worker-<i>` per simulated GPU"
             )
         self.gpu_name = names[0]
+        self.settings = Settings.from_env()
+        check_live_engine(self.settings)  # before RQ registers anything
         self.runtime: GpuRuntime | None = None
 
     def register_birth(self) -> None:
         super().register_birth()
         global _RUNTIME
-        self.runtime = GpuRuntime(self.gpu_name, self.connection, Settings.from_env())
+        self.runtime = GpuRuntime(self.gpu_name, self.connection, self.settings)
         self.runtime.start()
         _RUNTIME = self.runtime
 
