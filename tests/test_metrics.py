@@ -170,3 +170,15 @@ def test_token_hit_rate_never_exceeds_block_hit_rate(results):
         return
     assert 0.0 <= summary["token_hit_rate"] <= summary["hit_rate"] <= 1.0
     assert sum(w["requests"] for w in summary["per_worker"].values()) == summary["completed"]
+
+
+def test_tpot_stats_cover_completed_requests_that_have_one_and_preemptions_add_up():
+    results = [
+        make_result("a", "w0", tpot_ms=10.0, preemptions=1),
+        make_result("b", "w0", tpot_ms=30.0),
+        make_result("c", "w1", tpot_ms=None),  # a one-token answer: no gap to time
+        make_result("d", "w1", "failed", reason="x", tpot_ms=99.0, preemptions=2),
+    ]
+    summary = summarize(results)
+    assert summary["tpot_ms"] == {"mean": 20.0, "p50": 20.0, "p90": 28.0, "p99": 29.8}
+    assert summary["preemptions"] == 3

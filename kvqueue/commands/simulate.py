@@ -23,7 +23,12 @@ from kvqueue.commands.engine_flags import add_engine_arguments, engine_overrides
 from kvqueue.config import Settings
 from kvqueue.errors import KVQueueError
 from kvqueue.gpu.oracle import make_oracle
-from kvqueue.report.dashboard import build_dashboard, format_table, write_run
+from kvqueue.report.dashboard import (
+    build_dashboard,
+    format_engine_table,
+    format_table,
+    write_run,
+)
 from kvqueue.routing.policies.base import policy_names
 from kvqueue.sim.parallel import check_strategies, default_jobs, run_strategies
 from kvqueue.sim.simulation import DEFAULT_STRATEGIES, ProgressCallback, worker_names
@@ -171,5 +176,8 @@ def run(args: argparse.Namespace) -> int:
         f"{engine.latency} latency) simulated in {elapsed:.1f} s"
     )
     print(format_table(dashboard))
+    engine_table = format_engine_table(dashboard)
+    if engine_table:
+        print(f"\n{engine_table}")
     print(f"\nwrote {dashboard_file} and results_<strategy>.jsonl in {out_dir}")
     return 0

@@ -211,3 +211,58 @@ def format_table(dashboard: Mapping[str, Any]) -> str:
     lines += [line(row) for row in rows]
     lines.append("times in simulated ms; imbalance = max/mean completed requests per worker")
     return "\n".join(lines)
+
+
+ENGINE_COLUMNS = (
+    ("strategy", "<"),
+    ("TPOT mean", ">"),
+    ("TPOT p99", ">"),
+    ("ITL p99", ">"),
+    ("out tok/s", ">"),
+    ("batch", ">"),
+    ("preempted", ">"),
+    ("KV used", ">"),
+    ("KV max", ">"),
+)
+
+
+def format_engine_table(dashboard: Mapping[str, Any]) -> str | None:
+    """One row per strategy of what the engines did (None when no strategy recorded any):
+    TPOT and ITL in ms, output tokens per second, mean batch size, preemptions, and KV usage
+    (time-weighted mean and maximum, evictable cached blocks counted as free)."""
+    rows: list[tuple[str, ...]] = []
+    for name, s in dashboard["strategies"].items():
+        engine = s.get("engine")
+        if not engine:
+            continue
+        tpot, itl, kv = s.get("tpot_ms") or {}, engine["itl_ms"], engine["kv_usage"]
+        tokens_per_s = s.get("output_tokens_per_s")
+        rows.append(
+            (
+                name,
+                _ms(tpot.get("mean")),
+                _ms(tpot.get("p99")),
+                _ms(itl.get("p99")),
+                "-" if tokens_per_s is None else f"{tokens_per_s:,.0f}",
+                _times(engine["mean_batch_size"]),
+                f"{engine['preemptions']:,}",
+                _rate(kv["mean"]),
+                _rate(kv["max"]),
+            )
+        )
+    if not rows:
+        return None
+    headers = tuple(title for title, _ in ENGINE_COLUMNS)
+    widths = [max(len(row[i]) for row in (headers, *rows)) for i in range(len(headers))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            f"{cell:{align}{width}}"
+            for cell, (_, align), width in zip(cells, ENGINE_COLUMNS, widths, strict=True)
+        )
+
+    lines = [line(headers), "  ".join("-" * w for w in widths), *(line(row) for row in rows)]
+    lines.append(
+        "TPOT, ITL in simulated ms; batch = requests per step; KV used = time-weighted mean"
+    )
+    return "\n".join(lines)

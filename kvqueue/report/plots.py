@@ -9,7 +9,12 @@ One function per figure, each taking the data (never reading files) and a path t
 - `plot_per_worker`: completed requests and prompt tokens per worker, bars grouped by strategy;
 - `plot_cache_over_time`: per worker, cache occupancy (``cache_used_blocks /
   cache_capacity_blocks`` after each request's allocation) and cumulative evictions over
-  simulated time, one row per strategy.
+  simulated time, one row per strategy;
+- `plot_kv_usage`: per strategy, the engines' KV usage over time (blocks pinned by running
+  requests, evictable cached ones counted free), per worker and averaged, from the
+  dashboard's engine metrics (simulated runs; a live run has none and says so).
+
+`plot_latency_cdf` also draws TPOT (time per output token), over the requests that have one.
 
 Invariants: every figure has a title, axis labels with units and a legend; a strategy keeps
 the same colour in every figure (its position in the dashboard); a strategy with no completed
@@ -41,7 +46,17 @@ TTFT_CDF_FILE = "ttft_cdf.png"
 E2E_CDF_FILE = "e2e_cdf.png"
 PER_WORKER_FILE = "per_worker.png"
 CACHE_FILE = "cache_over_time.png"
-PLOT_FILES = (HIT_RATE_FILE, TTFT_CDF_FILE, E2E_CDF_FILE, PER_WORKER_FILE, CACHE_FILE)
+TPOT_CDF_FILE = "tpot_cdf.png"
+KV_USAGE_FILE = "kv_usage_over_time.png"
+PLOT_FILES = (
+    HIT_RATE_FILE,
+    TTFT_CDF_FILE,
+    E2E_CDF_FILE,
+    PER_WORKER_FILE,
+    CACHE_FILE,
+    TPOT_CDF_FILE,
+    KV_USAGE_FILE,
+)
 
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies.
 STRATEGY_COLORS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#F0E442")
@@ -179,12 +194,22 @@ def plot_latency_cdf(
     """Empirical CDF of `field` (a ``*_ms`` attribute) per strategy, p50/p99 marked.
 
     Log x axis when the positive values span more than a factor of 10; values <= 0 are drawn
-    at the smallest positive value on a log axis (they cannot be placed otherwise).
+    at the smallest positive value on a log axis (they cannot be placed otherwise). Requests
+    whose value is None (a TPOT of a one-token answer) are left out.
     """
     strategies = list(results_by_strategy)
     colors = strategy_colors(strategies)
     series = {
-        s: np.sort(np.asarray([getattr(r, field) for r in _completed(results_by_strategy[s])]))
+        s: np.sort(
+            np.asarray(
+                [
+                    value
+                    for r in _completed(results_by_strategy[s])
+                    if (value := getattr(r, field)) is not None
+                ],
+                dtype=float,
+            )
+        )
         for s in strategies
     }
     everything = np.concatenate([v for v in series.values() if v.size] or [np.zeros(0)])
@@ -424,6 +449,49 @@ def plot_cache_over_time(
         return _finish(fig, path, dashboard)
 
 
+# -- KV usage over time -----------------------------------------------------------------------
+def plot_kv_usage(dashboard: Mapping[str, Any], path: str | Path) -> Path:
+    """One panel per strategy: KV usage (%) of each worker's engine over time, thin, and their
+    mean, thick, from ``strategies.<name>.engine.kv_usage.timeline``."""
+    strategies = list(dashboard["strategies"])
+    colors = strategy_colors(strategies)
+    cols = max(1, min(3, len(strategies)))
+    rows = max(1, -(-len(strategies) // cols))
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(
+            rows, cols, figsize=(4.6 * cols, 3.4 * rows), sharey=True, squeeze=False
+        )
+        for ax, name in zip(axes.flat, strategies, strict=False):
+            engine = dashboard["strategies"][name].get("engine") or {}
+            timeline = (engine.get("kv_usage") or {}).get("timeline")
+            ax.set_title(name, fontsize=10)
+            ax.set_ylim(0, 105)
+            ax.yaxis.set_major_formatter(PercentFormatter(decimals=0))
+            ax.set_xlabel("time since run start (simulated s)")
+            if not timeline:
+                _note(ax, "no engine statistics\n(recorded by simulated runs)")
+                continue
+            t = np.asarray(timeline["t_ms"]) / 1000.0
+            for values in timeline["per_worker"].values():
+                ax.step(t, 100 * np.asarray(values), where="post", color="0.6", linewidth=0.7)
+            ax.step(
+                t,
+                100 * np.asarray(timeline["mean"]),
+                where="post",
+                color=colors[name],
+                linewidth=2,
+                label=f"mean of workers ({100 * engine['kv_usage']['mean']:.0f}% time-weighted)",
+            )
+            ax.legend(loc="upper right", fontsize=8)
+        for ax in list(axes.flat)[len(strategies) :]:
+            ax.axis("off")
+        for row in axes:
+            row[0].set_ylabel("KV blocks pinned by running requests")
+        fig.suptitle("KV-cache usage over time (evictable cached blocks count as free)")
+        fig.tight_layout()
+        return _finish(fig, path, dashboard)
+
+
 # -- all of them ------------------------------------------------------------------------------
 def write_plots(
     out_dir: str | Path,
@@ -452,6 +520,15 @@ def write_plots(
         ),
         plot_per_worker(dashboard, out / PER_WORKER_FILE),
         plot_cache_over_time(dashboard, results_by_strategy, out / CACHE_FILE),
+        plot_latency_cdf(
+            dashboard,
+            results_by_strategy,
+            "tpot_ms",
+            out / TPOT_CDF_FILE,
+            "Time per output token (TPOT)",
+            "TPOT = mean gap between a request's output tokens",
+        ),
+        plot_kv_usage(dashboard, out / KV_USAGE_FILE),
     ]
 
 
