@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from kvqueue import keys
 from kvqueue.config import Settings
 from kvqueue.errors import ConfigError
+from kvqueue.gpu.engines import EngineConfig
 from kvqueue.gpu.hashing import BlockHash
 from kvqueue.gpu.latency import LatencyModel
 from kvqueue.gpu.request import Request, make_request
@@ -29,6 +30,7 @@ from kvqueue.gpu.results import RequestStatus
 from kvqueue.live.cluster import LocalCluster
 from kvqueue.live.run import run_live
 from kvqueue.report.evaluation import markdown, runner, suite
+from kvqueue.report.evaluation.rows import EngineRun
 from kvqueue.routing.policies.base import POLICIES, make_policy, policy_names
 from kvqueue.routing.policies.chwbl import BoundedLoadHashing
 from kvqueue.routing.policies.dynamo import DynamoKvRouter
@@ -551,8 +553,9 @@ def test_a_trace_is_stretched_to_the_target_rate() -> None:
     ]  # 10 req/s of 330 ms requests
     assert suite.natural_rate(requests) == 10.0
     workload = suite.SuiteWorkload("t", "t", "t", lambda: requests, 0.5, "trace")
-    timed, rate, scale = suite.timed(workload, requests, LATENCY)
-    assert rate == pytest.approx(0.5 * 4 / 0.33)
+    rate, capacity = suite.target_rate(workload, requests, EngineConfig(), LATENCY)
+    assert rate == pytest.approx(0.5 * 4 / 0.33) and capacity == pytest.approx(4 / 0.33)
+    timed, scale = suite.timed(workload, requests, rate)
     assert scale == pytest.approx(10.0 / rate)
     assert [r.arrival_ms for r in timed] == pytest.approx([100.0 * i * scale for i in range(5)])
 
@@ -567,15 +570,42 @@ def test_the_suite_writes_tables_and_a_figure_and_keeps_the_discussion(tmp_path)
             "ns", "None", "tiny", lambda: make_workload("no-sharing", 16, seed=2), 0.8, "poisson"
         ),
     ]  # fmt: skip
-    reports = runner.evaluate(tiny, ["predictive", "round_robin"], LATENCY, jobs=1)
-    assert [r.key for r in reports] == ["sp", "ns"]
-    assert [row.policy for row in reports[0].rows] == ["predictive", "round_robin"]
-    assert reports[0].rows[0].completed == 16 and reports[0].ideal_hit_rate > 0
+    runs = []
+    for engine in suite.EVALUATED_ENGINES:
+        reports = runner.evaluate(tiny, ["predictive", "round_robin"], LATENCY, 1, None, engine)
+        assert [r.key for r in reports] == ["sp", "ns"]
+        assert [row.policy for row in reports[0].rows] == ["predictive", "round_robin"]
+        assert reports[0].rows[0].completed == 16 and reports[0].ideal_hit_rate > 0
+        assert reports[0].capacity_rps > 0
+        runs.append(EngineRun(engine, reports, 1.0))
+    assert runs[0].reports[0].cold_service_ms > 0 and runs[1].reports[0].cold_service_ms is None
     out = tmp_path / "policies.md"
-    out.write_text(f"old\n{markdown.DISCUSSION_START}\nkept words\n{markdown.DISCUSSION_END}\n")
-    written, figure = markdown.write_report(reports, out, LATENCY, wall_s=1.0, jobs=1)
+    engines_start, engines_end = markdown.markers(markdown.ENGINES_DISCUSSION)
+    out.write_text(
+        f"old\n{markdown.DISCUSSION_START}\nkept words\n{markdown.DISCUSSION_END}\n"
+        f"{engines_start}\nengine words\n{engines_end}\n"
+    )
+    written, figures = markdown.write_report(runs, out, LATENCY, jobs=1)
     text = written.read_text()
     assert text.splitlines()[3] == suite.COMMAND  # in a code block under the title
-    assert text.count(markdown.TABLE_HEADER.splitlines()[0]) == 2
-    assert "kept words" in text and "old" not in text.splitlines()[0]
-    assert figure.name == "policies_p99_vs_hit.png" and figure.stat().st_size > 10_000
+    assert text.count(markdown.TABLE_HEADER.splitlines()[0]) == 2  # the sequential tables
+    assert text.count(markdown.TPOT_TABLE_HEADER.splitlines()[0]) == 2  # the batched ones
+    assert "## Where conclusions change" in text
+    assert "kept words" in text and "engine words" in text and "old" not in text.splitlines()[0]
+    assert [f.name for f in figures] == [
+        "policies_p99_vs_hit.png",
+        "policies_batched_calibrated_p99_vs_hit.png",
+    ]
+    assert all(f.stat().st_size > 10_000 for f in figures)
+
+
+def test_a_batched_engine_s_load_is_set_against_its_measured_cold_capacity() -> None:
+    requests = make_workload("shared-prefix-tiny", seed=5)
+    workload = suite.SuiteWorkload("sp", "Shared", "tiny", lambda: requests, 0.5, "poisson")
+    engine = EngineConfig("batched", "calibrated")
+    rate, capacity = suite.target_rate(workload, requests, engine, LATENCY)
+    assert capacity == suite.saturation_rps(requests, 4, workload.preset, engine, LATENCY)
+    assert rate == pytest.approx(0.5 * capacity)
+    # Batching serves many requests at once: far more than one at a time would.
+    sequential = 4 * 1000.0 / suite.cold_service_ms(requests, LATENCY)
+    assert capacity > 2 * sequential

@@ -1,7 +1,8 @@
 """`kvqueue evaluate`: every registered policy on the evaluation suite, simulated.
 
-    kvqueue evaluate                       # the whole suite → docs/policies.md (+ figure)
+    kvqueue evaluate                       # the whole suite → docs/policies.md (+ figures)
     kvqueue evaluate --workloads shared-prefix-50,no-sharing --policies predictive,round_robin
+    kvqueue evaluate --engines batched:calibrated --out /tmp/batched.md
 
 See `kvqueue.report.evaluation` for the workloads, how their arrival rates are set, and the report.
 """
@@ -11,11 +12,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kvqueue.errors import ConfigError
+from kvqueue.gpu.engines import EngineConfig
 from kvqueue.report.evaluation.runner import run_suite
 from kvqueue.report.evaluation.suite import (
     AZURE_REQUESTS,
     DEFAULT_DATA_DIR,
     DEFAULT_OUT,
+    EVALUATED_ENGINES,
     MOONCAKE_REQUESTS,
 )
 
@@ -24,6 +28,21 @@ def _names(text: str | None) -> list[str] | None:
     if not text:
         return None
     return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def parse_engines(text: str | None) -> list[EngineConfig]:
+    """``sequential:seed,batched:calibrated`` → engine models (default: `EVALUATED_ENGINES`)."""
+    if not text:
+        return list(EVALUATED_ENGINES)
+    engines = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        engine, _, latency = item.partition(":")
+        if not latency:
+            raise ConfigError(
+                f"engine model {item!r} is not ENGINE:LATENCY (e.g. batched:calibrated)"
+            )
+        engines.append(EngineConfig(engine, latency))
+    return engines
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -58,11 +77,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=1.0,
         help="shrink the synthetic workloads by this factor (smoke runs; default 1)",
     )
+    parser.add_argument(
+        "--engines",
+        help="comma-separated ENGINE:LATENCY models to run the suite under (default: "
+        + ",".join(f"{e.engine}:{e.latency}" for e in EVALUATED_ENGINES)
+        + ")",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
 def run(args: argparse.Namespace) -> int:
-    markdown, figure = run_suite(
+    markdown, figures = run_suite(
         out=args.out,
         data_dir=args.data_dir,
         policies=_names(args.policies),
@@ -72,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         mooncake_requests=args.mooncake_requests,
         azure_requests=args.azure_requests,
         quiet=args.quiet,
+        engines=parse_engines(args.engines),
     )
-    print(f"wrote {markdown} and {figure}")
+    print(f"wrote {markdown} and {', '.join(str(f) for f in figures)}")
     return 0

@@ -10,7 +10,7 @@ from kvqueue.report.evaluation.rows import WorkloadReport
 from kvqueue.report.evaluation.suite import HIGHLIGHT
 
 
-def plot_p99_vs_hit(reports: Sequence[WorkloadReport], path: Path) -> None:
+def plot_p99_vs_hit(reports: Sequence[WorkloadReport], path: Path, subtitle: str = "") -> None:
     """One panel per workload: a point per policy at (hit rate, p99 TTFT)."""
     import matplotlib
 
@@ -60,7 +60,8 @@ def plot_p99_vs_hit(reports: Sequence[WorkloadReport], path: Path) -> None:
         for p in policies
     ]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(policies), 9), frameon=False)
-    fig.suptitle("p99 TTFT against hit rate (lower right is better)")
+    title = "p99 TTFT against hit rate (lower right is better)"
+    fig.suptitle(f"{title} — {subtitle}" if subtitle else title)
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

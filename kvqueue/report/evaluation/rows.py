@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvqueue.gpu.engines import EngineConfig
+
 
 @dataclass(frozen=True, slots=True)
 class PolicyRow:
@@ -15,6 +17,8 @@ class PolicyRow:
     ttft_p90_ms: float | None
     ttft_p99_ms: float | None
     e2e_mean_ms: float | None
+    tpot_mean_ms: float | None
+    tpot_p99_ms: float | None
     imbalance: float | None
     ideal_hit_rate: float | None
     lost_match: float | None  # blocks matched at routing but not hit at service, / matched
@@ -33,8 +37,18 @@ class WorkloadReport:
     num_workers: int
     num_requests: int
     utilization: float
-    cold_service_ms: float
+    cold_service_ms: float | None  # the sequential engine's S_cold; None for a batched engine
+    capacity_rps: float  # cold capacity of the cluster: workers / S_cold, or measured
     rate_rps: float
     arrival_scale: float | None
     ideal_hit_rate: float | None
     rows: tuple[PolicyRow, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRun:
+    """The whole suite under one engine model."""
+
+    engine: EngineConfig
+    reports: tuple[WorkloadReport, ...] | list[WorkloadReport]
+    wall_s: float

@@ -9,22 +9,26 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from kvqueue.gpu.engines import EngineConfig
 from kvqueue.gpu.latency import LatencyModel
 from kvqueue.gpu.presets import get_preset
 from kvqueue.gpu.request import Request
 from kvqueue.gpu.results import RequestStatus
 from kvqueue.report.evaluation.markdown import write_report
-from kvqueue.report.evaluation.rows import PolicyRow, WorkloadReport
+from kvqueue.report.evaluation.rows import EngineRun, PolicyRow, WorkloadReport
 from kvqueue.report.evaluation.suite import (
     AZURE_FILE,
     AZURE_REQUESTS,
     DEFAULT_DATA_DIR,
     DEFAULT_OUT,
+    EVALUATED_ENGINES,
     MOONCAKE_FILE,
     MOONCAKE_REQUESTS,
     SuiteWorkload,
     cold_service_ms,
     default_suite,
+    engine_title,
+    target_rate,
     timed,
 )
 from kvqueue.report.metrics import ideal_hit_rate, summarize
@@ -36,11 +40,17 @@ _WORKLOADS: dict[str, tuple[SuiteWorkload, list[Request]]] = {}
 
 
 def run_policy(
-    workload: SuiteWorkload, requests: Sequence[Request], policy: str, latency: LatencyModel
+    workload: SuiteWorkload,
+    requests: Sequence[Request],
+    policy: str,
+    latency: LatencyModel,
+    engine: EngineConfig | None = None,
 ) -> PolicyRow:
     """Simulate one policy on one workload's timed requests (fresh state) and summarize it."""
     clock = time.perf_counter()
-    simulation = Simulation(policy, workload.num_workers, get_preset(workload.preset), latency)
+    simulation = Simulation(
+        policy, workload.num_workers, get_preset(workload.preset), latency, engine=engine
+    )
     matched: dict[str, int] = {}
     route = simulation.router.route
 
@@ -56,7 +66,7 @@ def run_policy(
     done_ids = {r.request_id for r in done}
     total_matched = sum(matched[r.request_id] for r in done)
     lost = sum(max(0, matched[r.request_id] - r.hit_blocks) for r in done)
-    ttft, e2e = summary["ttft_ms"], summary["e2e_ms"]
+    ttft, e2e, tpot = summary["ttft_ms"], summary["e2e_ms"], summary["tpot_ms"]
     return PolicyRow(
         policy=policy,
         hit_rate=summary["hit_rate"],
@@ -64,6 +74,8 @@ def run_policy(
         ttft_p90_ms=ttft["p90"],
         ttft_p99_ms=ttft["p99"],
         e2e_mean_ms=e2e["mean"],
+        tpot_mean_ms=tpot["mean"],
+        tpot_p99_ms=tpot["p99"],
         imbalance=summary["imbalance"]["max_over_mean"],
         ideal_hit_rate=ideal_hit_rate(r for r in requests if r.request_id in done_ids),
         lost_match=lost / total_matched if total_matched else None,
@@ -73,10 +85,10 @@ def run_policy(
     )
 
 
-def _task(args: tuple[str, str, LatencyModel]) -> tuple[str, PolicyRow]:
-    key, policy, latency = args
+def _task(args: tuple[str, str, LatencyModel, EngineConfig]) -> tuple[str, PolicyRow]:
+    key, policy, latency, engine = args
     workload, requests = _WORKLOADS[key]
-    return key, run_policy(workload, requests, policy, latency)
+    return key, run_policy(workload, requests, policy, latency, engine)
 
 
 def evaluate(
@@ -85,25 +97,31 @@ def evaluate(
     latency: LatencyModel | None = None,
     jobs: int = 1,
     log: Callable[[str], None] | None = None,
+    engine: EngineConfig | None = None,
 ) -> list[WorkloadReport]:
-    """Run every policy on every workload; one report per workload, in suite order.
+    """Run every policy on every workload under `engine` (the sequential engine with the seed's
+    latency by default); one report per workload, in suite order.
 
     Runs go to `jobs` processes (1: in this process), biggest workloads first.
     """
     latency = latency or LatencyModel()
+    engine = engine or EngineConfig()
     policies = list(policies or policy_names())
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise ValueError(f"unknown policies {unknown}; valid: {', '.join(policy_names())}")
     say = log or (lambda _: None)
-    shapes: dict[str, tuple[list[Request], float, float | None]] = {}
+    shapes: dict[str, tuple[list[Request], float, float, float | None]] = {}
     _WORKLOADS.clear()
     for workload in suite:
         say(f"building {workload.key}")
-        shapes[workload.key] = timed(workload, workload.build(), latency)
-        _WORKLOADS[workload.key] = (workload, shapes[workload.key][0])
+        requests = workload.build()
+        rate, capacity = target_rate(workload, requests, engine, latency)
+        timed_requests, scale = timed(workload, requests, rate)
+        shapes[workload.key] = (timed_requests, rate, capacity, scale)
+        _WORKLOADS[workload.key] = (workload, timed_requests)
     size = {w.key: sum(r.num_blocks for r in shapes[w.key][0]) for w in suite}
-    tasks = [(w.key, p, latency) for w in suite for p in policies]
+    tasks = [(w.key, p, latency, engine) for w in suite for p in policies]
     tasks.sort(key=lambda t: -size[t[0]])
     rows: dict[str, dict[str, PolicyRow]] = {w.key: {} for w in suite}
     started = time.perf_counter()
@@ -120,7 +138,7 @@ def evaluate(
             say(_progress(done, len(tasks), key, row, started))
     reports = []
     for w in suite:
-        requests, rate, scale = shapes[w.key]
+        requests, rate, capacity, scale = shapes[w.key]
         preset = get_preset(w.preset)
         reports.append(
             WorkloadReport(
@@ -132,7 +150,10 @@ def evaluate(
                 num_workers=w.num_workers,
                 num_requests=len(requests),
                 utilization=w.utilization,
-                cold_service_ms=cold_service_ms(requests, latency),
+                cold_service_ms=None
+                if engine.is_batched
+                else cold_service_ms(requests, latency, pricing=engine.sequential_pricing(preset)),
+                capacity_rps=capacity,
                 rate_rps=rate,
                 arrival_scale=scale,
                 ideal_hit_rate=_served_ideal(requests, [rows[w.key][p] for p in policies]),
@@ -170,8 +191,10 @@ def run_suite(
     mooncake_requests: int = MOONCAKE_REQUESTS,
     azure_requests: int = AZURE_REQUESTS,
     quiet: bool = False,
-) -> tuple[Path, Path]:
-    """Build the suite, run it, write the report; the one call behind both entry points."""
+    engines: Sequence[EngineConfig] = EVALUATED_ENGINES,
+) -> tuple[Path, list[Path]]:
+    """Build the suite, run it under every engine, write the report; the one call behind both
+    entry points. Returns the markdown and its figures (one per engine)."""
     suite = default_suite(data_dir, mooncake_requests, azure_requests, size)
     if workloads:
         known = {w.key for w in suite}
@@ -189,6 +212,10 @@ def run_suite(
     skipped = [f for f in (MOONCAKE_FILE, AZURE_FILE) if not (data_dir / f).exists()]
     if skipped:
         log(f"traces not found in {data_dir}, left out: {', '.join(skipped)}")
-    started = time.perf_counter()
-    reports = evaluate(suite, policies, latency, jobs, log)
-    return write_report(reports, out, latency, time.perf_counter() - started, jobs)
+    runs = []
+    for engine in engines:
+        log(f"-- {engine_title(engine)}")
+        started = time.perf_counter()
+        reports = evaluate(suite, policies, latency, jobs, log, engine)
+        runs.append(EngineRun(engine, reports, time.perf_counter() - started))
+    return write_report(runs, out, latency, jobs)

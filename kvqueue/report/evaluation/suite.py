@@ -4,16 +4,24 @@
 
 writes ``docs/policies.md`` (one table per workload) and ``docs/policies_p99_vs_hit.png``.
 
-**Arrival rates.** A workload's load is set from its *cold* mean service time — every block
-computed, nothing hit — under the latency model, with each request's declared output length
-(all suite workloads declare one):
+**Engines.** The suite runs once per engine model of `EVALUATED_ENGINES`: the sequential
+engine with the seed's latency constants (the default everywhere) and the batched engine with
+the calibrated per-preset step model.
+
+**Arrival rates.** A workload's load is set against the capacity of a cluster that caches
+nothing, so "110%" overloads it and cache hits are headroom a policy earns. For the
+sequential engine capacity follows from the *cold* mean service time — every block computed,
+nothing hit — with each request's declared output length (all suite workloads declare one):
 
     S_cold = mean over requests of (prefill_base + prefill_per_block × num_blocks
                                     + decode_per_token × max_tokens)
     capacity = num_workers / S_cold          (requests per second; one request at a time)
     rate     = utilization × capacity
 
-So "110%" overloads a cluster that caches nothing; cache hits are headroom a policy earns.
+A batched engine has no service time of its own (a request's time depends on what shares its
+steps), so its capacity is *measured*: the workload's requests, each one's block hashes made
+private so that nothing is shared, all arrive at once on the cluster under round robin, and
+capacity = completed requests / makespan (`saturation_rps`).
 Synthetic workloads get Poisson arrivals at that rate (seeded); traces keep their own arrival
 pattern, stretched by ``arrival_scale = natural rate / rate`` (natural rate = (n − 1) / span).
 
@@ -31,10 +39,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from kvqueue.gpu.engines import EngineConfig
+from kvqueue.gpu.hashing import BlockHash
 from kvqueue.gpu.latency import LatencyModel
 from kvqueue.gpu.oracle import FallbackOracle
-from kvqueue.gpu.presets import DEFAULT_PRESET
+from kvqueue.gpu.presets import DEFAULT_PRESET, get_preset
+from kvqueue.gpu.profiles import SequentialStepPricing
 from kvqueue.gpu.request import Request
+from kvqueue.report.metrics import completed, makespan_ms
+from kvqueue.sim.simulation import simulate
 from kvqueue.workloads.arrivals import retime
 from kvqueue.workloads.synthetic import make_workload
 from kvqueue.workloads.traces import read_azure, read_mooncake
@@ -52,6 +65,19 @@ MOONCAKE_REQUESTS = 1_500  # the trace's last ones: see `mooncake_tail`
 AZURE_REQUESTS = 2_000  # the trace's first ones
 SEED = 0
 HIGHLIGHT = "predictive"
+EVALUATED_ENGINES = (EngineConfig("sequential", "seed"), EngineConfig("batched", "calibrated"))
+
+
+def engine_title(engine: EngineConfig) -> str:
+    """``Sequential engine, seed latency``."""
+    return f"{engine.engine.capitalize()} engine, {engine.latency} latency"
+
+
+def figure_suffix(engine: EngineConfig) -> str:
+    """The figure of the default engine keeps its name; others get theirs in it."""
+    if engine == EVALUATED_ENGINES[0]:
+        return FIGURE_SUFFIX
+    return f"_{engine.engine}_{engine.latency}{FIGURE_SUFFIX}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,23 +191,85 @@ def default_suite(
 
 # -- arrival rates -------------------------------------------------------------------------------
 def cold_service_ms(
-    requests: Sequence[Request], latency: LatencyModel, oracle: FallbackOracle | None = None
+    requests: Sequence[Request],
+    latency: LatencyModel,
+    oracle: FallbackOracle | None = None,
+    pricing: SequentialStepPricing | None = None,
 ) -> float:
-    """Mean service time with nothing cached: prefill of every block plus the decode."""
+    """Mean sequential service time with nothing cached: prefill of every block plus the
+    decode, by the seed's latency model (or, given, a calibrated step pricing)."""
     oracle = oracle or FallbackOracle()
     if not requests:
         raise ValueError("no requests to time")
-    total = sum(latency.service_ms(r.num_blocks, oracle.decode_length(r)[0]) for r in requests)
+    if pricing is None:
+        total = sum(latency.service_ms(r.num_blocks, oracle.decode_length(r)[0]) for r in requests)
+    else:
+        total = sum(
+            pricing.prefill_ms(r.num_prompt_tokens, 0)
+            + pricing.decode_ms(r.num_prompt_tokens, oracle.decode_length(r)[0])
+            for r in requests
+        )
     return total / len(requests)
 
 
-def arrival_rate(
-    requests: Sequence[Request], utilization: float, num_workers: int, latency: LatencyModel
+def _private(block_hashes: Sequence[BlockHash], owner: int) -> tuple[BlockHash, ...]:
+    """The same chain re-keyed by its owner's position: no other request can share it."""
+    suffix = owner.to_bytes(4, "little")
+    return tuple(BlockHash(h + suffix) for h in block_hashes)
+
+
+def saturation_rps(
+    requests: Sequence[Request],
+    num_workers: int,
+    preset_name: str,
+    engine: EngineConfig,
+    latency: LatencyModel | None = None,
 ) -> float:
-    """Requests per second that keep `num_workers` cold workers `utilization` busy."""
+    """Requests per second `num_workers` workers complete when every request arrives at once
+    and none shares a block with another (round robin): the cluster's cold capacity."""
+    alone = [
+        replace(r, block_hashes=_private(r.block_hashes, i), arrival_ms=0.0)
+        for i, r in enumerate(requests)
+    ]
+    results = simulate(
+        alone, "round_robin", num_workers, get_preset(preset_name), latency, engine=engine
+    )
+    done = completed(results)
+    span_ms = makespan_ms(done)
+    if not done or span_ms <= 0:
+        raise ValueError(f"no request of the workload completes on {preset_name}")
+    return len(done) * 1000.0 / span_ms
+
+
+def target_rate(
+    workload: SuiteWorkload,
+    requests: Sequence[Request],
+    engine: EngineConfig,
+    latency: LatencyModel,
+) -> tuple[float, float]:
+    """(arrival rate, cold capacity) in requests per second (module docstring)."""
+    if engine.is_batched:
+        capacity = saturation_rps(requests, workload.num_workers, workload.preset, engine, latency)
+        return workload.utilization * capacity, capacity
+    pricing = engine.sequential_pricing(get_preset(workload.preset))
+    service = cold_service_ms(requests, latency, pricing=pricing)
+    rate = arrival_rate(requests, workload.utilization, workload.num_workers, latency, service)
+    return rate, workload.num_workers * 1000.0 / service
+
+
+def arrival_rate(
+    requests: Sequence[Request],
+    utilization: float,
+    num_workers: int,
+    latency: LatencyModel,
+    service_ms: float | None = None,
+) -> float:
+    """Requests per second that keep `num_workers` cold workers `utilization` busy
+    (`service_ms`: the cold service time, when already known)."""
     if utilization <= 0:
         raise ValueError(f"utilization must be positive, got {utilization}")
-    return utilization * num_workers * 1000.0 / cold_service_ms(requests, latency)
+    cold = service_ms if service_ms is not None else cold_service_ms(requests, latency)
+    return utilization * num_workers * 1000.0 / cold
 
 
 def natural_rate(requests: Sequence[Request]) -> float:
@@ -194,11 +282,10 @@ def natural_rate(requests: Sequence[Request]) -> float:
 
 
 def timed(
-    workload: SuiteWorkload, requests: Sequence[Request], latency: LatencyModel
-) -> tuple[list[Request], float, float | None]:
-    """The workload's requests with their arrivals, the rate, and the trace's stretch."""
-    rate = arrival_rate(requests, workload.utilization, workload.num_workers, latency)
+    workload: SuiteWorkload, requests: Sequence[Request], rate: float
+) -> tuple[list[Request], float | None]:
+    """The workload's requests arriving at `rate` (req/s), and the trace's stretch."""
     if workload.arrivals == "poisson":
-        return retime(requests, "poisson", rate, SEED), rate, None
+        return retime(requests, "poisson", rate, SEED), None
     scale = natural_rate(requests) / rate
-    return retime(requests, "trace", None, SEED, scale), rate, scale
+    return retime(requests, "trace", None, SEED, scale), scale
