@@ -249,3 +249,28 @@ def test_scheduler_rejects_a_second_run_or_a_step_during_a_run(make_request):
     assert run is not None and run.num_steps == 9
     with pytest.raises(AssertionError, match="decode run is in progress"):
         scheduler.schedule()
+
+
+def test_a_request_preempted_after_its_prompt_resumes_as_a_decode_of_its_last_token(
+    make_tokens, make_request
+):
+    # 16 blocks, budget 22: a (96 tokens) and b (48) decode while c (80 tokens, 2 outputs)
+    # finishes its prompt; at the next block boundary c, the latest admitted, is preempted.
+    gpu = gpu_with(16, tokens=22, seqs=3)
+    scheduler = gpu.scheduler
+    gpu.submit(make_request(make_tokens("b", *"aaaaa"), request_id="a", max_tokens=8))
+    gpu.submit(make_request(make_tokens("c", "a", "a"), request_id="b", max_tokens=6))
+    c = gpu.submit(make_request(make_tokens(*"aaaaa"), request_id="c", max_tokens=2))
+    steps = []
+    while not any(s.preempted for s in steps):
+        steps.append(scheduler.schedule())
+        scheduler.complete(steps[-1])
+    assert ids(steps[-1].preempted) == ["c"] and c.num_output == 1
+    assert scheduler.num_queued_prefill_tokens == 81  # all of c: its prompt and its token
+    # Back in, c hits its 5 cached prompt blocks and only lacks its output token's KV:
+    # one token at context 80, priced as a decode.
+    step = scheduler.schedule()
+    assert chunks(step) == [("c", 1, True)]
+    assert step.shape == StepShape(decode_batch=1, decode_context=80)
+    assert scheduler.num_queued_prefill_tokens == 0
+    assert ids(scheduler.complete(step).finished) == ["c"]

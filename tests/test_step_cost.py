@@ -137,3 +137,13 @@ def test_sequential_pricing_is_one_prefill_step_then_batch_one_decodes():
         cost.step_ms(StepShape(decode_batch=1, decode_context=2176 + i)) for i in range(10)
     )
     assert math.isclose(pricing.decode_ms(2176, 10), decode, rel_tol=1e-12)
+
+
+def test_docs_latency_tables_are_generated_from_the_current_profiles():
+    from pathlib import Path
+
+    from kvqueue.report.latency_tables import BLOCKS, generated_blocks, refresh
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "latency.md").read_text("utf-8")
+    assert set(generated_blocks(text)) == set(BLOCKS)
+    assert refresh(text) == text, "run: python -m kvqueue.report.latency_tables docs/latency.md"

@@ -291,7 +291,7 @@ class BlockCache:
                 f"evictable ({self.num_active_blocks:,} of {self.num_blocks:,} in use)"
             )
         free = self.num_free_slots
-        evicted = [self._evict_one() for _ in range(num_slots - min(free, num_slots))]
+        evicted = self._evict_many(num_slots - min(free, num_slots))
         self._num_anonymous += num_slots
         table.num_anonymous_blocks += num_slots
         if evicted:
@@ -401,6 +401,30 @@ class BlockCache:
                 return block_hash
             heapq.heappop(heap)
         raise CacheFullError("no evictable block left")  # _check_room rules this out
+
+    def _evict_many(self, count: int) -> list[BlockHash]:
+        """`count` evictions in `_evict_one`'s order, in one pass over the heap."""
+        evicted: list[BlockHash] = []
+        if count <= 0:
+            return evicted
+        heap = self._evictable_heap
+        blocks = self._blocks
+        while heap:
+            last_used, run = heap[0]
+            while run:
+                block_hash = run.pop()
+                block = blocks.get(block_hash)
+                if block is None or block.ref_count > 0 or block.last_used != last_used:
+                    continue
+                del blocks[block_hash]
+                evicted.append(block_hash)
+                if len(evicted) == count:
+                    if not run:
+                        heapq.heappop(heap)
+                    self._num_evictable -= count
+                    return evicted
+            heapq.heappop(heap)
+        raise CacheFullError("no evictable block left")  # callers check num_allocatable first
 
     def _compact_heap(self) -> None:
         """Rebuild the heap from the evictable blocks, dropping stale runs (same order)."""

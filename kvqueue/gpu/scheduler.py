@@ -240,7 +240,7 @@ class BatchScheduler:
     def add(self, request: EngineRequest) -> None:
         """A request joins the tail of the waiting queue (the caller checked it can fit)."""
         self.waiting.append(request)
-        self._queued_prefill_tokens += request.num_tokens - request.num_computed
+        self._queued_prefill_tokens += _queued_prefill(request)
 
     def schedule(self) -> ScheduledStep:
         """Decide the next step (module docstring) and allocate its KV slots."""
@@ -281,8 +281,9 @@ class BatchScheduler:
                 cache.pin_prefix(request.table, hashes, num_hits)
                 if request.num_hit_blocks is None:
                     request.num_hit_blocks = num_hits
+                queued = _queued_prefill(request)
                 request.num_computed = num_hits * self.block_size
-                self._queued_prefill_tokens -= request.num_computed
+                self._queued_prefill_tokens += _queued_prefill(request) - queued
                 chunks.append(self._schedule_chunk(request, num_tokens))
                 running.append(request)
                 admitted.append(request)
@@ -426,18 +427,18 @@ class BatchScheduler:
         num_full = min(len(hashes), after // self.block_size)
         if num_full > len(table.block_hashes):
             cache.commit_full(table, hashes[len(table.block_hashes) : num_full])
+        queued = _queued_prefill(request)
         request.num_computed = after
-        if not is_decode:
-            self._queued_prefill_tokens -= num_tokens
+        self._queued_prefill_tokens += _queued_prefill(request) - queued
         return ScheduledChunk(request, num_tokens, before, is_decode)
 
     def _preempt(self, request: EngineRequest) -> None:
-        counted = 0 if request.is_decoding else request.num_tokens - request.num_computed
+        queued = _queued_prefill(request)
         self.cache.release(request.table)
         request.num_computed = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self._queued_prefill_tokens += request.num_tokens - counted
+        self._queued_prefill_tokens += _queued_prefill(request) - queued
         self.waiting.appendleft(request)
 
     def _finish(self, finished: Sequence[EngineRequest]) -> None:
@@ -447,6 +448,12 @@ class BatchScheduler:
             request.finished = True
             self.cache.release(request.table)
         self.running = [r for r in self.running if not r.finished]
+
+
+def _queued_prefill(request: EngineRequest) -> int:
+    """A request's share of `num_queued_prefill_tokens`: tokens it still has to compute,
+    unless it is decoding (its one missing token is a decode, not prefill)."""
+    return 0 if request.is_decoding else request.num_tokens - request.num_computed
 
 
 def _shape(chunks: Sequence[ScheduledChunk]) -> StepShape:
