@@ -9,9 +9,11 @@ Steps, each timed with ``time.perf_counter`` (best of ``--repeat``):
 2. baseline: a plain loop over the same requests, in arrival order, doing only
    ``BlockCache.allocate`` then ``release`` on one cache of the preset's size (no router, no
    index, no events consumed, no event loop; a request larger than the cache is skipped);
-3. `simulate(requests, strategy, --workers, preset=--preset)` for each strategy: the whole
-   virtual-time run (router, in-memory index fed by cache events, per-worker queues, caches,
-   latency model, results).
+3. `simulate(requests, strategy, --workers, preset=--preset, engine=...)` for each engine
+   model of ``--engines`` and each strategy: the whole virtual-time run (router, in-memory
+   index fed by cache events, per-worker engines, caches, latency model, results); with
+   ``--single-step`` the batched engine also runs without fast-forward (one forward pass
+   at a time), to show what jumping over decode runs buys.
 
 ``× baseline`` in the simulator table is the strategy's requests/s divided by the baseline's:
 the price of everything the simulator does beyond touching a block cache once per request.
@@ -21,6 +23,7 @@ serving everything. Usage::
 
     python bench/bench_simulator.py [--trace ../shared/data/mooncake_fast25_synthetic_trace.jsonl]
         [--preset llama-3.1-8b@h100-80gb] [--workers 8] [--limit N] [--repeat 1] [--quick]
+        [--engines sequential:seed,batched:calibrated] [--single-step]
 
 Exits 0 with a message if the trace file is absent.
 """
@@ -43,6 +46,7 @@ from bench_args import parse_args
 
 from kvqueue.errors import RequestRejected
 from kvqueue.gpu.cache import BlockCache
+from kvqueue.gpu.engines import EngineConfig
 from kvqueue.gpu.hashing import BLOCK_SIZE, BlockHash, chain, root_hash
 from kvqueue.gpu.presets import get_preset
 from kvqueue.gpu.request import Request
@@ -107,10 +111,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--limit", type=int, help="first N requests of the trace only")
     parser.add_argument("--repeat", type=int, default=1, help="runs per measurement (best kept)")
+    parser.add_argument(
+        "--engines",
+        default="sequential:seed",
+        help="comma-separated ENGINE:LATENCY models (default sequential:seed)",
+    )
+    parser.add_argument(
+        "--single-step",
+        action="store_true",
+        help="also run each batched engine one forward pass at a time (no fast-forward)",
+    )
     args = parse_args(parser, argv, QUICK)
     if args.workers <= 0 or args.repeat <= 0:
         parser.error("--workers and --repeat must be positive")
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    engines = []
+    for item in (e.strip() for e in args.engines.split(",") if e.strip()):
+        engine, _, latency = item.partition(":")
+        engines.append(EngineConfig(engine, latency or "seed"))
+        if args.single_step and engine == "batched":
+            engines.append(EngineConfig(engine, latency or "seed", fast_forward=False))
     if not args.trace.is_file():
         print(f"skipped: trace {args.trace} not found (pass --trace PATH)")
         return 0
@@ -128,11 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     base_rate = num_requests / base_s
 
     rows = []
-    for strategy in strategies:
-        seconds, results = best_of(
-            args.repeat, lambda s=strategy: simulate(requests, s, args.workers, preset=preset)
-        )
-        rows.append((strategy, seconds, describe(results)))
+    for engine in engines:
+        label = f"{engine.engine}/{engine.latency}" + ("" if engine.fast_forward else ", 1 step")
+        for strategy in strategies:
+            seconds, results = best_of(
+                args.repeat,
+                lambda s=strategy, e=engine: simulate(
+                    requests, s, args.workers, preset=preset, engine=e
+                ),
+            )
+            rows.append((f"{strategy} ({label})", seconds, describe(results)))
 
     print(
         f"trace {args.trace.name}: {num_requests:,} requests, {num_blocks:,} blocks "
@@ -157,14 +182,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{hash_s / seconds:>9.2f}x"
         )
     header = (
-        f"{'step':<40} {'seconds':>8} {'req/s':>9} {'× baseline':>10} {'hit rate':>8} "
+        f"{'step':<52} {'seconds':>8} {'req/s':>9} {'× baseline':>10} {'hit rate':>8} "
         f"{'completed':>9} {'rejected':>8}"
     )
     print()
     print(header)
     print("-" * len(header))
     print(
-        f"{'baseline: one cache, allocate+release':<40} {base_s:>8.2f} {base_rate:>9,.0f} "
+        f"{'baseline: one cache, allocate+release':<52} {base_s:>8.2f} {base_rate:>9,.0f} "
         f"{1.0:>9.2f}x {cache.stats.hit_rate:>8.1%} {num_requests - num_skipped:>9,} "
         f"{num_skipped:>8,}"
     )
@@ -172,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         rate = num_requests / seconds
         hit_text = "-" if hit is None else f"{hit:.1%}"
         print(
-            f"{'simulate: ' + strategy:<40} {seconds:>8.2f} {rate:>9,.0f} "
+            f"{'simulate: ' + strategy:<52} {seconds:>8.2f} {rate:>9,.0f} "
             f"{rate / base_rate:>9.2f}x {hit_text:>8} {done:>9,} {rejected:>8,}"
         )
     total = read_s + sum(seconds for _, seconds, _ in rows)
