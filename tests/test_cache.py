@@ -342,10 +342,10 @@ def test_pinning_evictable_hits_takes_them_out_of_the_allocatable_slots(make_has
     cache = BlockCache(4)
     shared = make_hashes("s0", "s1")
     serve(cache, shared)
-    assert (cache.num_allocatable, cache.num_evictable_among(shared)) == (4, 2)
+    assert (cache.num_allocatable, cache.lookup_prefix(shared, 2)) == (4, (2, 2))
     table = BlockTable()
     cache.pin_prefix(table, [*shared, *make_hashes("s0", "s1", "x")[2:]], 2)
-    assert (cache.num_allocatable, cache.num_evictable_among(shared)) == (2, 0)
+    assert (cache.num_allocatable, cache.lookup_prefix(shared, 2)) == (2, (2, 0))
     assert (cache.stats.num_queried_blocks, cache.stats.num_hit_blocks) == (5, 2)
     with pytest.raises(ValueError, match="needs an empty block table"):
         cache.pin_prefix(table, shared, 1)
@@ -400,3 +400,24 @@ def test_committing_a_block_that_is_already_cached_shares_it(make_hashes):
     ]
     with pytest.raises(ValueError, match="1 blocks to commit, the table has 0 anonymous slots"):
         cache.commit_full(first, make_hashes("c0", "c1", "c2")[2:])
+
+
+def test_lookup_prefix_caps_the_hit_and_counts_its_evictable_blocks(make_hashes):
+    cache = BlockCache(8)
+    hashes = make_hashes("l0", "l1", "l2")
+    serve(cache, hashes[:2])
+    table = BlockTable()
+    cache.pin_prefix(table, hashes, 1)  # l0 pinned again, l1 still evictable
+    assert cache.lookup_prefix(hashes, 3) == (2, 1)
+    assert cache.lookup_prefix(hashes, 1) == (1, 0)
+    assert cache.lookup_prefix(hashes, 0) == (0, 0)
+
+
+def test_pinning_a_prefix_that_is_not_cached_changes_nothing(make_hashes):
+    cache = BlockCache(8)
+    hashes = make_hashes("m0", "m1")
+    serve(cache, hashes[:1])
+    before = snapshot(cache)
+    with pytest.raises(ValueError, match="to pin is not cached"):
+        cache.pin_prefix(BlockTable(), hashes, 2)
+    assert snapshot(cache) == before

@@ -241,3 +241,36 @@ def test_cli_simulate_json_prints_one_object_with_every_strategy(tmp_path):
     assert dashboard["meta"]["seed"] == 3
     assert json.loads((out / "dashboard_results.json").read_text()) == dashboard
     assert len((out / "results_round_robin.jsonl").read_text().splitlines()) == 16
+
+
+def test_cli_simulate_batched_calibrated_on_a_mooncake_trace_reports_tpot_and_the_ideal(tmp_path):
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    trace = REPO_ROOT / "tests" / "fixtures" / "mooncake_small.jsonl"
+    args = [
+        *("simulate", "--trace", str(trace), "--preset", "qwen2.5-7b-1m@h100-80gb"),
+        *("--workers", "2", "--engine", "batched", "--latency", "calibrated"),
+        *("--strategies", "round_robin,cache_aware", "--json", "--out", str(tmp_path / "run")),
+    ]
+    completed = subprocess.run(
+        [sys.executable, "-m", "kvqueue", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    dashboard = json.loads(completed.stdout)
+    meta = dashboard["meta"]
+    assert (meta["engine"], meta["latency_profile"]) == ("batched", "calibrated")
+    assert (meta["max_num_batched_tokens"], meta["max_num_seqs"]) == (8192, 1024)
+    assert 0 < dashboard["ideal_hit_rate"] <= 1
+    for summary in dashboard["strategies"].values():
+        assert summary["completed"] == meta["num_requests"] and summary["rejected"] == 0
+        assert summary["tpot_ms"]["mean"] > 0 and summary["tpot_ms"]["p99"] > 0
+        assert summary["engine"]["mean_batch_size"] >= 1
+        assert summary["hit_rate"] <= summary["ideal_hit_rate"]

@@ -133,11 +133,20 @@ class BlockCache:
         free-block queue holds both)."""
         return self.num_blocks - self.num_used_slots + self._num_evictable
 
-    def num_evictable_among(self, block_hashes: Sequence[BlockHash]) -> int:
-        """How many of these blocks are cached with ref_count 0: pinning them takes them out
-        of `num_allocatable`, as touching a free block does in vLLM."""
+    def lookup_prefix(self, block_hashes: Sequence[BlockHash], max_hits: int) -> tuple[int, int]:
+        """The leading cached run of `block_hashes`, capped at `max_hits`, and how many of those
+        hits are evictable (ref_count 0): pinning them takes them out of `num_allocatable`, as
+        touching a free block does in vLLM. Changes nothing."""
         blocks = self._blocks
-        return sum(1 for h in block_hashes if (b := blocks.get(h)) is not None and not b.ref_count)
+        hits = evictable = 0
+        for block_hash in block_hashes[:max_hits]:
+            block = blocks.get(block_hash)
+            if block is None:
+                break
+            hits += 1
+            if not block.ref_count:
+                evictable += 1
+        return hits, evictable
 
     def cached_hashes(self) -> set[BlockHash]:
         return set(self._blocks)
@@ -260,19 +269,25 @@ class BlockCache:
         """Admission: pin the first `num_hits` of a request's `block_hashes` into its empty
         `table`, and count the lookup in `stats` (all of `block_hashes` queried).
 
-        The hits must be cached (a leading run as `lookup` returns, possibly capped). Reviving
-        evictable hits takes them out of `num_allocatable`; nothing is evicted.
+        The hits must be cached (a leading run as `lookup` returns, possibly capped), else
+        `ValueError` and nothing changes. Reviving evictable hits takes them out of
+        `num_allocatable`; nothing is evicted.
         """
         if table.num_slots:
             raise ValueError(f"pin_prefix needs an empty block table, got {table.num_slots} slots")
         if not 0 <= num_hits <= len(block_hashes):
             raise ValueError(f"num_hits {num_hits} outside 0..{len(block_hashes)}")
         hits = block_hashes[:num_hits]
-        for block_hash in hits:
-            block = self._blocks.get(block_hash)
-            if block is None:
-                raise ValueError(f"block {block_hash.hex()[:12]} to pin is not cached")
-            self._pin(block)
+        pinned = [self._blocks.get(block_hash) for block_hash in hits]
+        if None in pinned:
+            missing = hits[pinned.index(None)]
+            raise ValueError(f"block {missing.hex()[:12]} to pin is not cached")
+        revived = 0
+        for block in pinned:
+            if not block.ref_count:  # type: ignore[union-attr]
+                revived += 1
+            block.ref_count += 1  # type: ignore[union-attr]
+        self._num_evictable -= revived  # their heap entries are now stale
         table.block_hashes.extend(hits)
         self.stats.num_queried_blocks += len(block_hashes)
         self.stats.num_hit_blocks += num_hits

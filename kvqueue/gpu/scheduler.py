@@ -403,10 +403,10 @@ class BatchScheduler:
         """(hit blocks, tokens to schedule, blocks needed) for admitting a waiting request."""
         bs = self.block_size
         hashes = request.request.block_hashes
-        num_hits = min(self.cache.lookup(hashes), (request.num_tokens - 1) // bs)
+        num_hits, evictable = self.cache.lookup_prefix(hashes, (request.num_tokens - 1) // bs)
         num_tokens = min(request.num_tokens - num_hits * bs, budget)
         new_slots = _ceil_div(num_hits * bs + num_tokens, bs) - num_hits
-        return num_hits, num_tokens, new_slots + self.cache.num_evictable_among(hashes[:num_hits])
+        return num_hits, num_tokens, new_slots + evictable
 
     def _admission_blocked(self, budget: int) -> bool:
         if not self.waiting or budget <= 0 or len(self.running) >= self.config.max_num_seqs:
