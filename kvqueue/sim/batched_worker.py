@@ -16,7 +16,8 @@ Semantics (`kvqueue.gpu.scheduler` decides what each step does):
 
 **Fast-forward.** When the scheduler can promise a decode run (every running request
 decoding, admission blocked, nobody finishing or preempting before its last step), the worker
-jumps over it in O(1) instead of stepping: step s of a run starting at T0 begins at
+jumps over it instead of stepping — a run costs its planning and the KV slots it allocates,
+not its number of steps: step s of a run starting at T0 begins at
 ``S_s = T0 + s·d0 + δ·s(s−1)/2`` (d0 the first step's time, δ = β_kv × batch, as the summed
 context grows by the batch each step). The run is cut short when a request arrives
 (the steps already begun still run; the new request waits for the next boundary), and before
