@@ -260,8 +260,8 @@ class BatchedWorker:
         cache = self.gpu.cache
         for request in outcome.finished:
             self._apply_events()
-            self.host.release_load(self.name, request.tag.item, cache.num_used_slots,
-                                   request.num_output)  # fmt: skip
+            item = request.tag.item
+            self.host.release_load(self.name, item, cache.num_used_slots, request.num_output)
             self._record_completed(request, now)
         self.stats.record_kv_usage(now, self.scheduler.signals().kv_usage)
 

@@ -282,10 +282,11 @@ def simulate(
     See the module docstring for the event semantics. An unknown strategy raises
     `ConfigError` listing the valid ones.
     """
-    return simulate_run(
+    run = simulate_run(
         requests, strategy, num_workers, preset, latency, oracle, run_id, pending_ttl_ms,
         progress, engine,
-    ).results  # fmt: skip
+    )  # fmt: skip
+    return run.results
 
 
 def simulate_run(
