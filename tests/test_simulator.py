@@ -210,27 +210,32 @@ def test_unknown_or_duplicate_strategy_fails_before_running(make_request):
         simulate([request], "round_robin", num_workers=0)
 
 
-def test_cli_simulate_json_prints_one_object_with_every_strategy(tmp_path):
+def run_cli(args: list[str], cwd: Path) -> dict:
+    """`python -m kvqueue ARGS` from `cwd`; its exit status must be 0; the JSON it prints."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
     }
-    out = tmp_path / "run"
-    args = [
-        *("simulate", "--workload", "shared-prefix-tiny", "--workers", "2", "--seed", "3"),
-        *("--strategies", "cache_aware,round_robin,least_loaded", "--json", "--out", str(out)),
-    ]
     completed = subprocess.run(
         [sys.executable, "-m", "kvqueue", *args],
         capture_output=True,
         text=True,
         env=env,
-        cwd=tmp_path,
+        cwd=cwd,
         timeout=120,
         check=False,
     )
     assert completed.returncode == 0, completed.stderr
-    dashboard = json.loads(completed.stdout)
+    return json.loads(completed.stdout)
+
+
+def test_cli_simulate_json_prints_one_object_with_every_strategy(tmp_path):
+    out = tmp_path / "run"
+    args = [
+        *("simulate", "--workload", "shared-prefix-tiny", "--workers", "2", "--seed", "3"),
+        *("--strategies", "cache_aware,round_robin,least_loaded", "--json", "--out", str(out)),
+    ]
+    dashboard = run_cli(args, tmp_path)
     assert set(dashboard["strategies"]) == {"cache_aware", "round_robin", "least_loaded"}
     assert 0 < dashboard["ideal_hit_rate"] <= 1
     for summary in dashboard["strategies"].values():
@@ -244,27 +249,13 @@ def test_cli_simulate_json_prints_one_object_with_every_strategy(tmp_path):
 
 
 def test_cli_simulate_batched_calibrated_on_a_mooncake_trace_reports_tpot_and_the_ideal(tmp_path):
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
     trace = REPO_ROOT / "tests" / "fixtures" / "mooncake_small.jsonl"
     args = [
         *("simulate", "--trace", str(trace), "--preset", "qwen2.5-7b-1m@h100-80gb"),
         *("--workers", "2", "--engine", "batched", "--latency", "calibrated"),
         *("--strategies", "round_robin,cache_aware", "--json", "--out", str(tmp_path / "run")),
     ]
-    completed = subprocess.run(
-        [sys.executable, "-m", "kvqueue", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=120,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr
-    dashboard = json.loads(completed.stdout)
+    dashboard = run_cli(args, tmp_path)
     meta = dashboard["meta"]
     assert (meta["engine"], meta["latency_profile"]) == ("batched", "calibrated")
     assert (meta["max_num_batched_tokens"], meta["max_num_seqs"]) == (8192, 1024)

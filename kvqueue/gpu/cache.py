@@ -400,25 +400,11 @@ class BlockCache:
             )
 
     def _evict_one(self) -> BlockHash:
-        heap = self._evictable_heap
-        blocks = self._blocks
-        while heap:
-            last_used, run = heap[0]
-            while run:
-                block_hash = run.pop()
-                block = blocks.get(block_hash)
-                if block is None or block.ref_count > 0 or block.last_used != last_used:
-                    continue
-                del blocks[block_hash]
-                self._num_evictable -= 1
-                if not run:
-                    heapq.heappop(heap)
-                return block_hash
-            heapq.heappop(heap)
-        raise CacheFullError("no evictable block left")  # _check_room rules this out
+        return self._evict_many(1)[0]
 
     def _evict_many(self, count: int) -> list[BlockHash]:
-        """`count` evictions in `_evict_one`'s order, in one pass over the heap."""
+        """Evict `count` blocks, least recently released first (deepest first among blocks
+        released together), in one pass over the heap; stale heap entries are dropped."""
         evicted: list[BlockHash] = []
         if count <= 0:
             return evicted
@@ -439,7 +425,7 @@ class BlockCache:
                     self._num_evictable -= count
                     return evicted
             heapq.heappop(heap)
-        raise CacheFullError("no evictable block left")  # callers check num_allocatable first
+        raise CacheFullError("no evictable block left")  # callers check the room first
 
     def _compact_heap(self) -> None:
         """Rebuild the heap from the evictable blocks, dropping stale runs (same order)."""

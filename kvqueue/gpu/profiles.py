@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib import resources
 from typing import Any
 
@@ -34,14 +34,7 @@ from kvqueue.gpu.step_cost import (
 LATENCY_PROFILES = ("seed", "calibrated")
 DEFAULT_LATENCY_PROFILE = "seed"
 PROFILES_FILE = "latency_profiles.json"
-COEFFICIENTS = (
-    "alpha_ms",
-    "beta_seq_ms",
-    "beta_kv_ms_per_token",
-    "alpha_prefill_ms",
-    "beta_prefill_ms_per_token",
-    "gamma_ms_per_token2",
-)
+COEFFICIENTS = tuple(f.name for f in fields(RooflineStepCost))  # the file's keys
 
 
 def check_profile(name: str) -> str:

@@ -26,7 +26,7 @@ empty step costs 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import NamedTuple, Protocol
 
 from kvqueue.errors import ConfigError
@@ -127,17 +127,7 @@ class RooflineStepCost:
     gamma_ms_per_token2: float
 
     def __post_init__(self) -> None:
-        _check_non_negative(
-            self,
-            (
-                "alpha_ms",
-                "beta_seq_ms",
-                "beta_kv_ms_per_token",
-                "alpha_prefill_ms",
-                "beta_prefill_ms_per_token",
-                "gamma_ms_per_token2",
-            ),
-        )
+        _check_non_negative(self, tuple(f.name for f in fields(self)))
 
     @property
     def decode_context_ms(self) -> float:

@@ -198,18 +198,29 @@ def format_table(dashboard: Mapping[str, Any]) -> str:
                 _times((s.get("imbalance") or {}).get("max_over_mean")),
             )
         )
-    headers = tuple(title for title, _ in TABLE_COLUMNS)
+    return _render(
+        TABLE_COLUMNS,
+        rows,
+        "times in simulated ms; imbalance = max/mean completed requests per worker",
+    )
+
+
+def _render(
+    columns: Sequence[tuple[str, str]], rows: Sequence[tuple[str, ...]], footer: str
+) -> str:
+    """A plain-text table: headers, a rule, the rows (aligned per column), a footer line."""
+    headers = tuple(title for title, _ in columns)
     widths = [max(len(row[i]) for row in (headers, *rows)) for i in range(len(headers))]
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(
             f"{cell:{align}{width}}"
-            for cell, (_, align), width in zip(cells, TABLE_COLUMNS, widths, strict=True)
+            for cell, (_, align), width in zip(cells, columns, widths, strict=True)
         )
 
     lines = [line(headers), "  ".join("-" * w for w in widths)]
     lines += [line(row) for row in rows]
-    lines.append("times in simulated ms; imbalance = max/mean completed requests per worker")
+    lines.append(footer)
     return "\n".join(lines)
 
 
@@ -252,17 +263,8 @@ def format_engine_table(dashboard: Mapping[str, Any]) -> str | None:
         )
     if not rows:
         return None
-    headers = tuple(title for title, _ in ENGINE_COLUMNS)
-    widths = [max(len(row[i]) for row in (headers, *rows)) for i in range(len(headers))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            f"{cell:{align}{width}}"
-            for cell, (_, align), width in zip(cells, ENGINE_COLUMNS, widths, strict=True)
-        )
-
-    lines = [line(headers), "  ".join("-" * w for w in widths), *(line(row) for row in rows)]
-    lines.append(
-        "TPOT, ITL in simulated ms; batch = requests per step; KV used = time-weighted mean"
+    return _render(
+        ENGINE_COLUMNS,
+        rows,
+        "TPOT, ITL in simulated ms; batch = requests per step; KV used = time-weighted mean",
     )
-    return "\n".join(lines)

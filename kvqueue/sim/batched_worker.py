@@ -38,7 +38,7 @@ from kvqueue.gpu.load_signals import LoadSignals
 from kvqueue.gpu.results import RequestStatus
 from kvqueue.gpu.scheduler import DecodeRun, EngineRequest, ScheduledStep, StepOutcome
 from kvqueue.gpu.step_cost import StepCost
-from kvqueue.sim.host import Queued, SimulationHost
+from kvqueue.sim.host import Queued, SimulationHost, end_unserved, forward_events
 
 
 @dataclass(slots=True)
@@ -296,20 +296,7 @@ class BatchedWorker:
         )
 
     def _end_unserved(self, item: Queued, now: float, status: RequestStatus, reason: str) -> None:
-        cache = self.gpu.cache
-        self.host.release_load(self.name, item, cache.num_used_slots, None)
-        self.host.record(
-            item,
-            self.name,
-            cache.num_blocks,
-            status,
-            reason=reason,
-            start_ms=now,
-            finish_ms=now,
-            cache_used_blocks=cache.num_used_slots,
-        )
+        end_unserved(self.host, self.name, self.gpu.cache, item, now, status, reason)
 
     def _apply_events(self) -> None:
-        events = self.gpu.take_events()
-        if events:
-            self.host.apply_events(self.name, events)
+        forward_events(self.host, self.name, self.gpu.cache)

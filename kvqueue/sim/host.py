@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from kvqueue.gpu.cache import BlockCache
 from kvqueue.gpu.engine_stats import EngineStats
 from kvqueue.gpu.events import CacheEvent
 from kvqueue.gpu.load_signals import LoadSignals
@@ -65,3 +66,34 @@ class WorkerDriver(Protocol):
     def submit(self, item: Queued, now: float) -> None: ...
 
     def signals(self) -> LoadSignals: ...
+
+
+def end_unserved(
+    host: SimulationHost,
+    worker: str,
+    cache: BlockCache,
+    item: Queued,
+    now: float,
+    status: RequestStatus,
+    reason: str,
+) -> None:
+    """A request the worker never served (rejected, failed) ends at `now`: its load is
+    released and its result recorded with zero latencies and the reason."""
+    host.release_load(worker, item, cache.num_used_slots, None)
+    host.record(
+        item,
+        worker,
+        cache.num_blocks,
+        status,
+        reason=reason,
+        start_ms=now,
+        finish_ms=now,
+        cache_used_blocks=cache.num_used_slots,
+    )
+
+
+def forward_events(host: SimulationHost, worker: str, cache: BlockCache) -> None:
+    """Hand the cache's new events to the router's index (none: nothing to do)."""
+    events = cache.take_events()
+    if events:
+        host.apply_events(worker, events)

@@ -18,7 +18,7 @@ from kvqueue.gpu.latency import end_to_end_ms, ttft_ms
 from kvqueue.gpu.load_signals import LoadSignals
 from kvqueue.gpu.results import RequestStatus
 from kvqueue.gpu.simulated_gpu import Execution, SimulatedGpu
-from kvqueue.sim.host import Queued, SimulationHost
+from kvqueue.sim.host import Queued, SimulationHost, end_unserved, forward_events
 
 
 class SequentialWorker:
@@ -122,21 +122,8 @@ class SequentialWorker:
             return
 
     def _end_unserved(self, item: Queued, now: float, status: RequestStatus, reason: str) -> None:
-        cache = self.gpu.cache
         self._apply_events()  # a refused start changes nothing, but never lag the index
-        self.host.release_load(self.name, item, cache.num_used_slots, None)
-        self.host.record(
-            item,
-            self.name,
-            cache.num_blocks,
-            status,
-            reason=reason,
-            start_ms=now,
-            finish_ms=now,
-            cache_used_blocks=cache.num_used_slots,
-        )
+        end_unserved(self.host, self.name, self.gpu.cache, item, now, status, reason)
 
     def _apply_events(self) -> None:
-        events = self.gpu.take_events()
-        if events:
-            self.host.apply_events(self.name, events)
+        forward_events(self.host, self.name, self.gpu.cache)

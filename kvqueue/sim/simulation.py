@@ -35,6 +35,7 @@ import gc
 import heapq
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kvqueue.errors import ConfigError
 from kvqueue.gpu.batched_gpu import BatchedGpu
@@ -280,30 +281,21 @@ def simulate(
     """Run one strategy on `num_workers` fresh simulated GPUs; one result per request, in order.
 
     See the module docstring for the event semantics. An unknown strategy raises
-    `ConfigError` listing the valid ones.
+    `ConfigError` listing the valid ones. `simulate_run` also returns the engines' statistics.
     """
-    run = simulate_run(
-        requests, strategy, num_workers, preset, latency, oracle, run_id, pending_ttl_ms,
-        progress, engine,
-    )  # fmt: skip
-    return run.results
+    simulation = Simulation(
+        strategy, num_workers, preset, latency, oracle, run_id, pending_ttl_ms, engine
+    )
+    return simulation.run(requests, progress)
 
 
 def simulate_run(
     requests: Sequence[Request],
     strategy: str,
-    num_workers: int,
-    preset: Preset | None = None,
-    latency: LatencyModel | None = None,
-    oracle: DecodeLengthOracle | None = None,
-    run_id: str = DEFAULT_RUN_ID,
-    pending_ttl_ms: float = DEFAULT_PENDING_TTL_MS,
     progress: ProgressCallback | None = None,
-    engine: EngineConfig | None = None,
+    **options: Any,
 ) -> SimulationRun:
-    """`simulate`, also returning each worker's `EngineStats`."""
-    simulation = Simulation(
-        strategy, num_workers, preset, latency, oracle, run_id, pending_ttl_ms, engine
-    )
+    """`simulate` (same keyword `options`), also returning each worker's `EngineStats`."""
+    simulation = Simulation(strategy, **options)
     results = simulation.run(requests, progress)
     return SimulationRun(results, simulation.engine_stats())
