@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvqueue.config import Settings
 from kvqueue.errors import KVQueueError
 from kvqueue.live.connection import connect
-from kvqueue.report.dashboard import format_table, write_run
+from kvqueue.report.dashboard import format_table, results_path, write_run
 from kvqueue.report.stored_runs import dashboard_from_runs
 from kvqueue.workloads.options import add_workload_arguments, build_requests
 
@@ -36,7 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--run-id", action="append", required=True, help="a run id (repeat for several)"
     )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--plots", action="store_true", help="also write the PNG plots")
+    parser.add_argument(
+        "--plots", action="store_true", help="also write the PNG plots and report.html"
+    )
     parser.add_argument("--json", action="store_true", help="print the dashboard JSON on stdout")
     parser.add_argument("--tokenizer", help="tokenizer name or path for --prompts")
     add_workload_arguments(parser)
@@ -66,12 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     path = write_run(args.out, loaded.dashboard, loaded.results_by_strategy)
     out = sys.stderr if args.json else sys.stdout
     print(format_table(loaded.dashboard), file=out)
-    print(f"\nwrote {path} and results_<strategy>.jsonl in {args.out}", file=out)
+    print(f"\nwrote {path}", file=out)
+    written = [results_path(args.out, name) for name in loaded.results_by_strategy]
     if args.plots:
         from kvqueue.report.plots import write_plots
+        from kvqueue.report.run_report import write_run_report
 
-        for plot in write_plots(args.out, loaded.dashboard, loaded.results_by_strategy):
-            print(f"      {plot}", file=out)
+        plots = write_plots(args.out, loaded.dashboard, loaded.results_by_strategy)
+        written += [write_run_report(args.out, loaded.dashboard, plots), *plots]
+    for file in written:
+        print(f"      {file}", file=out)
     if args.json:
         sys.stdout.write(orjson.dumps(loaded.dashboard).decode() + "\n")
     return 0

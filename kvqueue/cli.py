@@ -13,6 +13,7 @@ COMMANDS = {
     "presets": "model × GPU presets and the KV-block arithmetic",
     "simulate": "run strategies on a workload in virtual time",
     "demo": "compare strategies on a live pipeline (embedded Redis if REDIS_URL is unset)",
+    "sweep": "capacity and SLO sweep over offered rates and cluster sizes, in virtual time",
     "evaluate": "run every policy on the evaluation suite in the simulator",
 }
 

@@ -22,7 +22,9 @@
 | KVQ_MAX_NUM_BATCHED_TOKENS | max_num_batched_tokens | (vLLM's default for the GPU) |
 | KVQ_MAX_NUM_SEQS    | max_num_seqs       | (vLLM's default for the GPU)    |
 
-CLI flags override these by passing keyword arguments to `Settings.from_env(**overrides)`.
+CLI flags override these by passing keyword arguments to `Settings.from_env(**overrides)`; a
+command whose defaults differ (``kvqueue sweep`` runs the batched engine) passes them as
+`defaults`, which the environment and the flags still override.
 """
 
 from __future__ import annotations
@@ -118,10 +120,15 @@ class Settings:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        defaults: Mapping[str, Any] | None = None,
+        **overrides: Any,
+    ) -> Settings:
         env = os.environ if environ is None else environ
         types = {f.name: f.type for f in fields(cls)}
-        values: dict[str, Any] = {}
+        values: dict[str, Any] = dict(defaults or {})
         for var, name in ENV_TO_FIELD.items():
             raw = env.get(var)
             if raw is None or raw == "":

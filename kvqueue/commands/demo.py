@@ -48,6 +48,7 @@ from kvqueue.report.comparison import write_comparison
 from kvqueue.report.dashboard import format_table
 from kvqueue.routing.policies.base import policy_names
 from kvqueue.sim.simulation import DEFAULT_STRATEGIES
+from kvqueue.workloads.fit_advice import unfit_warning
 from kvqueue.workloads.options import add_workload_arguments, build_requests
 from kvqueue.workloads.recorded import workload_args_meta
 from kvqueue.workloads.traces import fits_report
@@ -216,7 +217,7 @@ def run_comparison_command(args: argparse.Namespace, prog: str) -> int:
                 args.workers,
                 meta=meta,
                 check_free=env_url is not None,
-                progress=sys.stderr.isatty(),
+                progress=True,  # a bar on a terminal, plain lines in a log
                 log_dir=Path(out_dir) / "logs",
                 timeout_s=args.timeout,
                 status=print_err,
@@ -241,7 +242,8 @@ def run_comparison_command(args: argparse.Namespace, prog: str) -> int:
     )
     print(format_table(output.dashboard), file=out)
     print(f"\nwrote {output.dashboard_path}", file=out)
-    for path in [*output.results_paths, *output.plot_paths]:
+    report = [output.report_path] if output.report_path else []
+    for path in [*output.results_paths, *report, *output.plot_paths]:
         print(f"      {path}", file=out)
     if env_url:
         ids = " ".join(f"--run-id {run.run_id}" for run in comparison.runs)
@@ -257,10 +259,6 @@ def _describe(env_url: str | None, description: str) -> str:
 
 def _report_fit(prog: str, requests: list[Any], preset: Any) -> None:
     fit = fits_report(requests, preset.max_context_tokens, preset.num_blocks)
-    if fit.num_unfit:
-        examples = "; ".join(f"{rid}: {reason}" for rid, reason in fit.examples)
-        print_err(
-            f"{prog}: {fit.num_unfit:,} of {fit.num_requests:,} requests cannot fit "
-            f"{preset.name} ({preset.num_blocks:,} blocks, {preset.max_context_tokens:,}-token "
-            f"context) and will end as rejected; e.g. {examples}"
-        )
+    warning = unfit_warning(fit, preset, requests)
+    if warning:
+        print_err(f"{prog}: {warning}")

@@ -6,23 +6,29 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from kvqueue.gpu.engines import ENGINES
-from kvqueue.gpu.profiles import LATENCY_PROFILES
+from kvqueue.gpu.engines import DEFAULT_ENGINE, ENGINES
+from kvqueue.gpu.profiles import DEFAULT_LATENCY_PROFILE, LATENCY_PROFILES
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+def add_engine_arguments(
+    parser: argparse.ArgumentParser,
+    default_engine: str = DEFAULT_ENGINE,
+    default_latency: str = DEFAULT_LATENCY_PROFILE,
+) -> None:
+    """The flags, their help naming the command's defaults (which `Settings.from_env` must be
+    given as its `defaults` where they are not `Settings`' own)."""
     group = parser.add_argument_group("engine")
     group.add_argument(
         "--engine",
         choices=ENGINES,
-        help="how a simulated GPU serves requests: sequential (one at a time, the default) "
-        "or batched (continuous batching, vLLM's scheduler) (env KVQ_ENGINE)",
+        help="how a simulated GPU serves requests: sequential (one at a time) or batched "
+        f"(continuous batching, vLLM's scheduler); default {default_engine} (env KVQ_ENGINE)",
     )
     group.add_argument(
         "--latency",
         choices=LATENCY_PROFILES,
-        help="latency profile: seed (the seed's constants, the default) or calibrated "
-        "(per preset, docs/latency.md) (env KVQ_LATENCY)",
+        help="latency profile: seed (the seed's constants) or calibrated (per preset, "
+        f"docs/latency.md); default {default_latency} (env KVQ_LATENCY)",
     )
     group.add_argument(
         "--max-num-batched-tokens",

@@ -11,10 +11,8 @@ live run of the same settings model the same GPUs.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -23,15 +21,20 @@ from kvqueue.commands.engine_flags import add_engine_arguments, engine_overrides
 from kvqueue.config import Settings
 from kvqueue.errors import KVQueueError
 from kvqueue.gpu.oracle import make_oracle
+from kvqueue.progress import progress_reporter
 from kvqueue.report.dashboard import (
     build_dashboard,
     format_engine_table,
     format_table,
+    results_path,
     write_run,
 )
+from kvqueue.report.plots import write_plots
+from kvqueue.report.run_report import write_run_report
 from kvqueue.routing.policies.base import policy_names
 from kvqueue.sim.parallel import check_strategies, default_jobs, run_strategies
-from kvqueue.sim.simulation import DEFAULT_STRATEGIES, ProgressCallback, worker_names
+from kvqueue.sim.simulation import DEFAULT_STRATEGIES, worker_names
+from kvqueue.workloads.fit_advice import unfit_warning
 from kvqueue.workloads.options import add_workload_arguments, build_requests
 from kvqueue.workloads.traces import fits_report
 
@@ -71,21 +74,6 @@ def _parse_strategies(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
-@contextlib.contextmanager
-def _progress_bar(enabled: bool, total: int) -> Iterator[ProgressCallback | None]:
-    """A tqdm bar on stderr over every strategy's requests (None when disabled)."""
-    if not enabled:
-        yield None
-        return
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc="simulating", unit="req", file=sys.stderr)
-    try:
-        yield bar.update
-    finally:
-        bar.close()
-
-
 def run(args: argparse.Namespace) -> int:
     started = time.strftime("%Y%m%d-%H%M%S")
     try:
@@ -113,18 +101,14 @@ def run(args: argparse.Namespace) -> int:
     run_id = args.run_id or out_dir.name
 
     fit = fits_report(requests, preset.max_context_tokens, preset.num_blocks)
-    if fit.num_unfit:
-        examples = "; ".join(f"{rid}: {reason}" for rid, reason in fit.examples)
-        print(
-            f"kvqueue simulate: {fit.num_unfit:,} of {fit.num_requests:,} requests cannot fit "
-            f"{preset.name} ({preset.num_blocks:,} blocks, {preset.max_context_tokens:,}-token "
-            f"context) and will end as rejected; e.g. {examples}",
-            file=sys.stderr,
-        )
+    warning = unfit_warning(fit, preset, requests)
+    if warning:
+        print(f"kvqueue simulate: {warning}", file=sys.stderr)
 
     engine = settings.engine_config()
     clock = time.perf_counter()
-    with _progress_bar(not args.json, len(requests) * len(strategies)) as progress:
+    total = len(requests) * len(strategies)
+    with progress_reporter(total, "simulating", enabled=not args.json) as progress:
         runs = run_strategies(
             requests,
             strategies,
@@ -166,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
         results, requests, workers, meta, {name: run.engine_stats for name, run in runs.items()}
     )
     dashboard_file = write_run(out_dir, dashboard, results)
+    plots = write_plots(out_dir, dashboard, results)
+    report = write_run_report(out_dir, dashboard, plots)
 
     if args.json:
         sys.stdout.write(orjson.dumps(dashboard).decode() + "\n")
@@ -179,5 +165,7 @@ def run(args: argparse.Namespace) -> int:
     engine_table = format_engine_table(dashboard)
     if engine_table:
         print(f"\n{engine_table}")
-    print(f"\nwrote {dashboard_file} and results_<strategy>.jsonl in {out_dir}")
+    print(f"\nwrote {dashboard_file}")
+    for path in [*(results_path(out_dir, name) for name in results), report, *plots]:
+        print(f"      {path}")
     return 0

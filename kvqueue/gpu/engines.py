@@ -7,12 +7,15 @@
 
 Either runs under either latency profile (`kvqueue.gpu.profiles`): ``seed`` (the default) or
 ``calibrated``. `EngineConfig` is the one record of these choices that the simulator, the
-evaluation and (through `kvqueue.config.Settings`) every command pass around.
+evaluation, a sweep's cells (as JSON: `EngineConfig.to_dict`) and (through
+`kvqueue.config.Settings`) every command pass around; `engine_label` says in words which
+model a report used.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from kvqueue.errors import ConfigError
@@ -30,6 +33,10 @@ from kvqueue.gpu.step_cost import StepCost
 
 ENGINES = ("sequential", "batched")
 DEFAULT_ENGINE = "sequential"
+ENGINE_SUMMARIES = {
+    "sequential": "one request at a time per GPU, FIFO",
+    "batched": "continuous batching with vLLM's scheduling",
+}
 
 
 def check_engine(name: str) -> str:
@@ -81,10 +88,39 @@ class EngineConfig:
         self.scheduler_config(preset)  # limits given for later runs must be valid too
 
     def describe(self, preset: Preset) -> dict[str, Any]:
-        """JSON-ready record of the engine for run metadata."""
+        """JSON-ready record of the engine for run metadata (`engine_label` reads it)."""
         info: dict[str, Any] = {"engine": self.engine, "latency_profile": self.latency}
         if self.is_batched:
             config = self.scheduler_config(preset)
             info["max_num_batched_tokens"] = config.max_num_batched_tokens
             info["max_num_seqs"] = config.max_num_seqs
         return info
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as JSON (limits None where vLLM's defaults apply); `from_dict` inverts it."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EngineConfig:
+        """The config `to_dict` wrote; an unknown key raises `ConfigError` naming it."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown engine setting(s) {unknown}; valid: {sorted(known)}")
+        return cls(**data)
+
+
+def engine_label(info: Mapping[str, Any]) -> str:
+    """In words, the engine a run's metadata records (`EngineConfig.describe`), e.g.
+    ``"batched engine (continuous batching with vLLM's scheduling; 2,048 tokens and 256
+    requests per step at most), calibrated latency profile"``. Metadata recorded before
+    engines were named describes the seed's sequential engine."""
+    engine = str(info.get("engine") or DEFAULT_ENGINE)
+    latency = str(info.get("latency_profile") or DEFAULT_LATENCY_PROFILE)
+    summary = ENGINE_SUMMARIES.get(engine, engine)
+    if info.get("max_num_batched_tokens") and info.get("max_num_seqs"):
+        summary += (
+            f"; {info['max_num_batched_tokens']:,} tokens and {info['max_num_seqs']:,} "
+            "requests per step at most"
+        )
+    return f"{engine} engine ({summary}), {latency} latency profile"

@@ -7,14 +7,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from tqdm import tqdm
 
 from kvqueue import keys
 from kvqueue.config import Settings
+from kvqueue.gpu.presets import get_preset
 from kvqueue.gpu.request import Request
 from kvqueue.gpu.results import RequestResult
 from kvqueue.live.producer import Producer, SentRun
 from kvqueue.live.runs import read_results, wait_for_results
+from kvqueue.progress import progress_reporter
+from kvqueue.workloads.fit_advice import unfit_warning
 from kvqueue.workloads.traces import fits_report
 
 
@@ -39,19 +41,25 @@ def run_live(
     """Send `requests`; with `wait`, block until each has a result (failed ones included)."""
     producer = Producer(client, settings, strategy, run_id)
     workers = producer.require_workers()
-    label = f"{producer.strategy:>14}"
-    with tqdm(total=len(requests), desc=f"{label} sent", disable=not progress, leave=False) as bar:
-        sent = producer.send(requests, meta, on_sent=lambda: bar.update(1))
+    label = producer.strategy
+    with progress_reporter(len(requests), f"{label} sent", progress) as advance:
+        sent = producer.send(requests, meta, on_sent=lambda: advance(1))
     if not wait:
         return LiveRun(sent, workers, [])
-    with tqdm(total=len(requests), desc=f"{label} done", disable=not progress, leave=False) as bar:
+    with progress_reporter(len(requests), f"{label} done", progress) as advance:
+        reported = [0]
+
+        def on_progress(num_done: int) -> None:
+            advance(num_done - reported[0])
+            reported[0] = num_done
+
         wait_for_results(
             client,
             sent.run_id,
             sent.job_ids,
             settings.key_prefix,
             timeout_s=timeout_s,
-            on_progress=lambda n: bar.update(n - bar.n),
+            on_progress=on_progress,
         )
     results, _ = read_results(client, sent.run_id, settings.key_prefix)
     return LiveRun(sent, workers, _dedupe(results))
@@ -82,11 +90,4 @@ def fit_warning(
         return None
     num_blocks, max_context, preset = min(limits)
     fit = fits_report(requests, max_context, num_blocks)
-    if not fit.num_unfit:
-        return None
-    examples = "; ".join(f"{rid}: {reason}" for rid, reason in fit.examples[:2])
-    return (
-        f"{fit.num_unfit:,} of {fit.num_requests:,} requests cannot fit {preset} "
-        f"({num_blocks:,} blocks, {max_context:,}-token context) and will end as rejected; "
-        f"e.g. {examples}"
-    )
+    return unfit_warning(fit, get_preset(preset, num_blocks, max_context), requests)

@@ -69,6 +69,7 @@ class ComparisonOutput:
     dashboard_path: Path
     results_paths: list[Path]
     plot_paths: list[Path]
+    report_path: Path | None
 
 
 def write_comparison(
@@ -78,7 +79,8 @@ def write_comparison(
     meta: Mapping[str, Any] | None = None,
     plots: bool = True,
 ) -> ComparisonOutput:
-    """Dashboard (`build_dashboard`), results files (`write_run`) and PNGs under `out_dir`."""
+    """Dashboard (`build_dashboard`), results files (`write_run`), PNGs and ``report.html``
+    under `out_dir` (no PNGs and no report without `plots`)."""
     info = dict(meta or {})
     info["run_ids"] = {run.strategy: run.run_id for run in comparison.runs}
     info["wall_s"] = {run.strategy: round(run.wall_s, 3) for run in comparison.runs}
@@ -87,8 +89,11 @@ def write_comparison(
     dashboard_path = write_run(out_dir, dashboard, results)
     results_paths = [results_path(out_dir, name) for name in results]
     plot_paths: list[Path] = []
+    report_path = None
     if plots:
         from kvqueue.report.plots import write_plots  # matplotlib: only imported when plotting
+        from kvqueue.report.run_report import write_run_report
 
         plot_paths = write_plots(out_dir, dashboard, results)
-    return ComparisonOutput(dashboard, dashboard_path, results_paths, plot_paths)
+        report_path = write_run_report(out_dir, dashboard, plot_paths)
+    return ComparisonOutput(dashboard, dashboard_path, results_paths, plot_paths, report_path)

@@ -9,9 +9,14 @@ The same shape for simulated and live runs, so analysis scripts and plots read e
       "strategies": {name: {             # kvqueue.report.metrics.summarize(...) plus:
           "ideal_hit_rate": x,           #   the bound for *this* strategy's hit_rate
           "hit_rate_of_ideal": x,        #   hit_rate / ideal_hit_rate
+          "load": {...},                 #   offered rate against capacity (below)
           "engine": {...} | None,        #   kvqueue.report.engine_metrics (simulated runs)
           ...}}
     }
+
+``load`` is `kvqueue.report.capacity.LoadVerdict.to_dict()`: the offered rate (the Poisson
+rate of the metadata, else from the arrival times; None for a burst), the capacity estimated
+from the strategy's own busy time, their ratio and whether the run was overloaded.
 
 The ideal hit rate is an upper bound on every strategy's block hit rate: a worker only holds
 blocks stored by requests that arrived before (its queue is FIFO), and one infinite cache
@@ -26,6 +31,7 @@ strategy, one `RequestResult.to_dict()` per line.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,8 +41,17 @@ import orjson
 from kvqueue.gpu.engine_stats import EngineStats
 from kvqueue.gpu.request import Request
 from kvqueue.gpu.results import RequestResult, RequestStatus
+from kvqueue.report.capacity import (
+    ESTIMATED,
+    LoadVerdict,
+    offered_rate_rps,
+    overload_line,
+    run_capacity_rps,
+)
 from kvqueue.report.engine_metrics import summarize_engines
 from kvqueue.report.metrics import ideal_hit_rate, ratio, summarize
+from kvqueue.report.table import Table
+from kvqueue.report.units import format_count, format_ms, format_share
 
 DASHBOARD_FILE = "dashboard_results.json"
 RESULTS_FILE_TEMPLATE = "results_{strategy}.jsonl"
@@ -67,9 +82,13 @@ def build_dashboard(
     for results in results_by_strategy.values():
         served |= _completed_ids(results)
     ideal = _ideal_over(requests, served)
+    offered = offered_rate_rps([r.arrival_ms for r in requests], nominal_rate_rps(meta or {}))
     strategies: dict[str, Any] = {}
     for name, results in results_by_strategy.items():
         summary = summarize(list(results), workers)
+        summary["load"] = LoadVerdict(
+            offered, run_capacity_rps(results, len(workers)), ESTIMATED, len(requests), len(workers)
+        ).to_dict()
         own = _completed_ids(results)
         own_ideal = ideal if own == served else _ideal_over(requests, own)
         summary["ideal_hit_rate"] = own_ideal
@@ -91,6 +110,33 @@ def build_dashboard(
         "meta": info,
         "strategies": strategies,
     }
+
+
+def nominal_rate_rps(meta: Mapping[str, Any]) -> float | None:
+    """The offered rate a run's metadata states: its Poisson rate over its arrival scale."""
+    rate, scale = meta.get("rate_rps"), meta.get("arrival_scale") or 1.0
+    if meta.get("arrivals") != "poisson" or not rate or not scale:
+        return None
+    return rate / scale
+
+
+def load_verdicts(dashboard: Mapping[str, Any]) -> dict[str, LoadVerdict]:
+    """Each strategy's `LoadVerdict`, rebuilt from its ``load`` entry (absent: left out)."""
+    meta = dashboard.get("meta") or {}
+    verdicts = {}
+    for name, summary in dashboard["strategies"].items():
+        load = summary.get("load")
+        if not load:
+            continue
+        offered = math.inf if load["burst"] else (load["offered_rps"] or 0.0)
+        verdicts[name] = LoadVerdict(
+            offered,
+            load["capacity_rps"],
+            load["capacity_basis"],
+            int(meta.get("num_requests") or summary.get("num_results") or 0),
+            int(meta.get("num_workers") or len(summary.get("per_worker") or ())),
+        )
+    return verdicts
 
 
 def results_path(out_dir: str | Path, strategy: str) -> Path:
@@ -150,18 +196,15 @@ def load_run(out_dir: str | Path) -> tuple[dict[str, Any], dict[str, list[Reques
 
 
 # -- terminal table ------------------------------------------------------------------------
-def _rate(value: float | None) -> str:
-    return "-" if value is None else f"{100.0 * value:.1f}%"
-
-
-def _ms(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.1f}"
-
-
 def _times(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def _load(verdict: LoadVerdict | None) -> str:
+    if verdict is None:
+        return "-"
+    text = "burst" if verdict.burst else _times(verdict.load)
+    return f"{text} !" if verdict.overloaded else text
 
 
 TABLE_COLUMNS = (
@@ -175,53 +218,50 @@ TABLE_COLUMNS = (
     ("e2e p99", ">"),
     ("done/rej/fail", ">"),
     ("imbalance", ">"),
+    ("load", ">"),
+)
+TABLE_NOTE = (
+    "times in simulated ms (s where marked); imbalance = max/mean completed requests per "
+    "worker; load = offered rate / capacity estimated from busy time (! overloaded)"
 )
 
 
-def format_table(dashboard: Mapping[str, Any]) -> str:
-    """One row per strategy: hit rate next to the ideal, TTFT and end-to-end in ms, counts,
-    and load imbalance (max/mean completed requests per worker)."""
+def dashboard_table(dashboard: Mapping[str, Any]) -> Table:
+    """One row per strategy: hit rate next to the ideal, TTFT and end-to-end, counts, load
+    imbalance and offered load; overloaded rows marked, and the overload line as a note."""
+    verdicts = load_verdicts(dashboard)
     rows: list[tuple[str, ...]] = []
     for name, s in dashboard["strategies"].items():
         ttft, e2e = s.get("ttft_ms") or {}, s.get("e2e_ms") or {}
+        counts = (s.get("completed", 0), s.get("rejected", 0), s.get("failed", 0))
         rows.append(
             (
                 name,
-                _rate(s.get("hit_rate")),
-                _rate(s.get("ideal_hit_rate", dashboard.get("ideal_hit_rate"))),
-                _ms(ttft.get("mean")),
-                _ms(ttft.get("p50")),
-                _ms(ttft.get("p99")),
-                _ms(e2e.get("mean")),
-                _ms(e2e.get("p99")),
-                f"{s.get('completed', 0)}/{s.get('rejected', 0)}/{s.get('failed', 0)}",
+                format_share(s.get("hit_rate")),
+                format_share(s.get("ideal_hit_rate", dashboard.get("ideal_hit_rate"))),
+                format_ms(ttft.get("mean")),
+                format_ms(ttft.get("p50")),
+                format_ms(ttft.get("p99")),
+                format_ms(e2e.get("mean")),
+                format_ms(e2e.get("p99")),
+                "/".join(format_count(c) for c in counts),
                 _times((s.get("imbalance") or {}).get("max_over_mean")),
+                _load(verdicts.get(name)),
             )
         )
-    return _render(
-        TABLE_COLUMNS,
-        rows,
-        "times in simulated ms; imbalance = max/mean completed requests per worker",
+    marked = frozenset(
+        i
+        for i, name in enumerate(dashboard["strategies"])
+        if name in verdicts and verdicts[name].overloaded
     )
+    overload = overload_line(list(verdicts.values()))
+    notes = (TABLE_NOTE, *([overload] if overload else []))
+    return Table("Strategies", TABLE_COLUMNS, tuple(rows), notes, marked)
 
 
-def _render(
-    columns: Sequence[tuple[str, str]], rows: Sequence[tuple[str, ...]], footer: str
-) -> str:
-    """A plain-text table: headers, a rule, the rows (aligned per column), a footer line."""
-    headers = tuple(title for title, _ in columns)
-    widths = [max(len(row[i]) for row in (headers, *rows)) for i in range(len(headers))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            f"{cell:{align}{width}}"
-            for cell, (_, align), width in zip(cells, columns, widths, strict=True)
-        )
-
-    lines = [line(headers), "  ".join("-" * w for w in widths)]
-    lines += [line(row) for row in rows]
-    lines.append(footer)
-    return "\n".join(lines)
+def format_table(dashboard: Mapping[str, Any]) -> str:
+    """`dashboard_table` as text for a terminal."""
+    return dashboard_table(dashboard).text()
 
 
 ENGINE_COLUMNS = (
@@ -235,9 +275,10 @@ ENGINE_COLUMNS = (
     ("KV used", ">"),
     ("KV max", ">"),
 )
+ENGINE_NOTE = "TPOT, ITL in simulated ms; batch = requests per step; KV used = time-weighted mean"
 
 
-def format_engine_table(dashboard: Mapping[str, Any]) -> str | None:
+def engine_table(dashboard: Mapping[str, Any]) -> Table | None:
     """One row per strategy of what the engines did (None when no strategy recorded any):
     TPOT and ITL in ms, output tokens per second, mean batch size, preemptions, and KV usage
     (time-weighted mean and maximum, evictable cached blocks counted as free)."""
@@ -247,24 +288,25 @@ def format_engine_table(dashboard: Mapping[str, Any]) -> str | None:
         if not engine:
             continue
         tpot, itl, kv = s.get("tpot_ms") or {}, engine["itl_ms"], engine["kv_usage"]
-        tokens_per_s = s.get("output_tokens_per_s")
         rows.append(
             (
                 name,
-                _ms(tpot.get("mean")),
-                _ms(tpot.get("p99")),
-                _ms(itl.get("p99")),
-                "-" if tokens_per_s is None else f"{tokens_per_s:,.0f}",
+                format_ms(tpot.get("mean")),
+                format_ms(tpot.get("p99")),
+                format_ms(itl.get("p99")),
+                format_count(s.get("output_tokens_per_s")),
                 _times(engine["mean_batch_size"]),
-                f"{engine['preemptions']:,}",
-                _rate(kv["mean"]),
-                _rate(kv["max"]),
+                format_count(engine["preemptions"]),
+                format_share(kv["mean"]),
+                format_share(kv["max"]),
             )
         )
     if not rows:
         return None
-    return _render(
-        ENGINE_COLUMNS,
-        rows,
-        "TPOT, ITL in simulated ms; batch = requests per step; KV used = time-weighted mean",
-    )
+    return Table("Engines", ENGINE_COLUMNS, tuple(rows), (ENGINE_NOTE,))
+
+
+def format_engine_table(dashboard: Mapping[str, Any]) -> str | None:
+    """`engine_table` as text for a terminal (None when there is none)."""
+    table = engine_table(dashboard)
+    return None if table is None else table.text()

@@ -4,8 +4,10 @@ One function per figure, each taking the data (never reading files) and a path t
 
 - `plot_hit_rate`: block hit rate per strategy as bars, the ideal (an infinite cache shared by
   every worker) as a dashed reference line;
-- `plot_latency_cdf`: the empirical CDF of one latency field (TTFT, end-to-end) over completed
-  requests, one line per strategy, log x axis when the values span more than a decade;
+- `plot_latency_cdf`: the empirical CDF of one latency field (TTFT, TPOT, end-to-end) over
+  completed requests, one line per strategy, log x axis when the values span more than a decade;
+- `plot_tradeoff` (`kvqueue.report.tradeoff_plot`): hit rate against p99 TTFT, a point per
+  strategy;
 - `plot_per_worker`: completed requests and prompt tokens per worker, bars grouped by strategy;
 - `plot_cache_over_time`: per worker, cache occupancy (``cache_used_blocks /
   cache_capacity_blocks`` after each request's allocation) and cumulative evictions over
@@ -14,7 +16,8 @@ One function per figure, each taking the data (never reading files) and a path t
   requests, evictable cached ones counted free), per worker and averaged, from the
   dashboard's engine metrics (simulated runs; a live run has none and says so).
 
-`plot_latency_cdf` also draws TPOT (time per output token), over the requests that have one.
+TPOT (time per output token) is drawn over the requests that have one
+(`RequestResult.tpot_ms`).
 
 Invariants: every figure has a title, axis labels with units and a legend; a strategy keeps
 the same colour in every figure (its position in the dashboard); a strategy with no completed
@@ -34,14 +37,23 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
 
 from kvqueue.gpu.results import RequestResult, RequestStatus
 from kvqueue.report.dashboard import load_run
+from kvqueue.report.style import (
+    STYLE,
+    finish_figure,
+    ms_formatter,
+    ms_label,
+    note,
+    strategy_colors,
+)
+from kvqueue.report.tradeoff_plot import plot_tradeoff
 
 HIT_RATE_FILE = "hit_rate.png"
+TRADEOFF_FILE = "hit_rate_vs_p99_ttft.png"
 TTFT_CDF_FILE = "ttft_cdf.png"
 E2E_CDF_FILE = "e2e_cdf.png"
 PER_WORKER_FILE = "per_worker.png"
@@ -50,6 +62,7 @@ TPOT_CDF_FILE = "tpot_cdf.png"
 KV_USAGE_FILE = "kv_usage_over_time.png"
 PLOT_FILES = (
     HIT_RATE_FILE,
+    TRADEOFF_FILE,
     TTFT_CDF_FILE,
     E2E_CDF_FILE,
     PER_WORKER_FILE,
@@ -57,27 +70,6 @@ PLOT_FILES = (
     TPOT_CDF_FILE,
     KV_USAGE_FILE,
 )
-
-# Okabe-Ito: distinguishable with the common colour-vision deficiencies.
-STRATEGY_COLORS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#F0E442")
-DPI = 130
-STYLE = {
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-    "axes.grid": True,
-    "grid.alpha": 0.3,
-    "grid.linestyle": "-",
-    "axes.titleweight": "bold",
-    "axes.titlesize": 12,
-    "axes.labelsize": 10,
-    "legend.frameon": False,
-    "font.size": 10,
-}
-
-
-def strategy_colors(strategies: Sequence[str]) -> dict[str, str]:
-    """A fixed colour per strategy, by position (cycled past the palette's length)."""
-    return {s: STRATEGY_COLORS[i % len(STRATEGY_COLORS)] for i, s in enumerate(strategies)}
 
 
 def _subtitle(dashboard: Mapping[str, Any]) -> str:
@@ -95,20 +87,7 @@ def _subtitle(dashboard: Mapping[str, Any]) -> str:
 
 
 def _finish(fig: Figure, path: str | Path, dashboard: Mapping[str, Any]) -> Path:
-    subtitle = _subtitle(dashboard)
-    if subtitle:
-        # Below everything drawn so far; `bbox_inches="tight"` grows the canvas to hold it.
-        bottom = fig.get_tightbbox(fig.canvas.get_renderer()).y0 / fig.get_figheight()
-        fig.text(0.99, bottom - 0.01, subtitle, ha="right", va="top", fontsize=8, color="0.45")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def _note(ax: Axes, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
+    return finish_figure(fig, path, _subtitle(dashboard))
 
 
 def _completed(results: Sequence[RequestResult]) -> list[RequestResult]:
@@ -167,22 +146,6 @@ def plot_hit_rate(dashboard: Mapping[str, Any], path: str | Path) -> Path:
 
 
 # -- latency CDFs -----------------------------------------------------------------------------
-def _ms_formatter(value: float, _pos: int) -> str:
-    """Axis ticks: ``50 ms``, ``1 s``, ``2.5 s``."""
-    if value >= 1000:
-        return f"{value / 1000:g} s"
-    return f"{value:g} ms"
-
-
-def _ms_label(value: float) -> str:
-    """A latency for a legend: ``8.4 ms``, ``185 ms``, ``1.77 s``, ``23.5 s``."""
-    if value >= 10_000:
-        return f"{value / 1000:.1f} s"
-    if value >= 1000:
-        return f"{value / 1000:.2f} s"
-    return f"{value:.1f} ms" if value < 10 else f"{value:.0f} ms"
-
-
 def plot_latency_cdf(
     dashboard: Mapping[str, Any],
     results_by_strategy: Mapping[str, Sequence[RequestResult]],
@@ -230,7 +193,7 @@ def plot_latency_cdf(
             p50, p99 = stats.get("p50"), stats.get("p99")
             label = name
             if p50 is not None and p99 is not None:
-                label = f"{name}  (p50 {_ms_label(p50)}, p99 {_ms_label(p99)})"
+                label = f"{name}  (p50 {ms_label(p50)}, p99 {ms_label(p99)})"
             ax.step(
                 np.concatenate([[values[0]], values]),
                 np.concatenate([[0.0], y]),
@@ -264,7 +227,7 @@ def plot_latency_cdf(
             )
         if log_x:
             ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(_ms_formatter))
+        ax.xaxis.set_major_formatter(FuncFormatter(ms_formatter))
         ax.set_ylim(0, 1.02)
         ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
         ax.set_xlabel(f"{xlabel} (simulated time{', log scale' if log_x else ''})")
@@ -281,7 +244,7 @@ def plot_latency_cdf(
                 color="0.4",
             )
         if not everything.size:
-            _note(ax, "no completed requests")
+            note(ax, "no completed requests")
         else:
             ax.legend(loc="best", fontsize=9)
         return _finish(fig, path, dashboard)
@@ -337,7 +300,7 @@ def plot_per_worker(dashboard: Mapping[str, Any], path: str | Path) -> Path:
             ax.grid(axis="x", visible=False)
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:,.0f}"))
             if not workers:
-                _note(ax, "no worker data")
+                note(ax, "no worker data")
         if workers:
             handles, labels = axes[0].get_legend_handles_labels()
             handles.append(plt.Line2D([], [], color="0.2", linestyle=":"))
@@ -426,10 +389,10 @@ def plot_cache_over_time(
             ev_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
             ev_ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:,.0f}"))
             if not data:
-                _note(occ_ax, "no completed requests")
-                _note(ev_ax, "no completed requests")
+                note(occ_ax, "no completed requests")
+                note(ev_ax, "no completed requests")
             elif not any(ev.size and ev[-1] for _, _, ev in data.values()):
-                _note(ev_ax, "no evictions")
+                note(ev_ax, "no evictions")
         axes[0][0].set_title("KV-cache occupancy per worker")
         axes[0][1].set_title("Cumulative evictions per worker")
         for ax in axes[-1]:
@@ -469,7 +432,7 @@ def plot_kv_usage(dashboard: Mapping[str, Any], path: str | Path) -> Path:
             ax.yaxis.set_major_formatter(PercentFormatter(decimals=0))
             ax.set_xlabel("time since run start (simulated s)")
             if not timeline:
-                _note(ax, "no engine statistics\n(recorded by simulated runs)")
+                note(ax, "no engine statistics\n(recorded by simulated runs)")
                 continue
             t = np.asarray(timeline["t_ms"]) / 1000.0
             for values in timeline["per_worker"].values():
@@ -500,8 +463,13 @@ def write_plots(
 ) -> list[Path]:
     """Every figure of the module into `out_dir` (created if needed); returns the paths."""
     out = Path(out_dir)
+    points = {
+        name: [(s.get("hit_rate"), (s.get("ttft_ms") or {}).get("p99"), "")]
+        for name, s in dashboard["strategies"].items()
+    }
     return [
         plot_hit_rate(dashboard, out / HIT_RATE_FILE),
+        plot_tradeoff(points, out / TRADEOFF_FILE, _subtitle(dashboard)),
         plot_latency_cdf(
             dashboard,
             results_by_strategy,

@@ -71,6 +71,18 @@ def _namespace_from_meta(meta: Mapping[str, Any]) -> argparse.Namespace | None:
     return argparse.Namespace(**values, default_workload=None)
 
 
+def build_from_workload_args(
+    workload_args: Mapping[str, Any], hash_seed: str, tokenizer: str | None = None
+) -> tuple[list[Request], dict[str, Any]]:
+    """The requests that `workload_args_meta` flags describe, and their description.
+
+    Errors raise as `build_requests` raises them (a missing file, a malformed line).
+    """
+    args = _namespace_from_meta({"workload_args": dict(workload_args)})
+    assert args is not None, "workload_args always rebuild"
+    return build_requests(args, hash_seed, tokenizer)
+
+
 def rebuild_requests(
     meta: Mapping[str, Any], hash_seed: str, tokenizer: str | None = None
 ) -> tuple[list[Request] | None, str]:
