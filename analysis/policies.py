@@ -1,6 +1,6 @@
-"""Run every routing policy on the evaluation suite and write docs/policies.md.
+"""Run every routing policy on the evaluation suite and write its report.
 
-    python analysis/policies.py [--jobs 2] [--policies ...] [--workloads ...]
+    python analysis/policies.py --out docs/policies.md [--jobs 2] [--policies ...]
 
 The same as `kvqueue evaluate` (flags and all); the logic lives in `kvqueue.report.evaluation`.
 """

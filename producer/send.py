@@ -23,6 +23,7 @@ from kvqueue.live.run import fit_warning, run_live
 from kvqueue.report.run_summary import format_summary, run_summary
 from kvqueue.routing.policies.base import policy_names
 from kvqueue.workloads.options import add_workload_arguments, build_requests
+from kvqueue.workloads.recorded import workload_args_meta
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             strategy=args.strategy, time_scale=args.time_scale, tokenizer=args.tokenizer
         )
         requests, meta = build_requests(args, settings.hash_seed, settings.tokenizer)
+        meta["workload_args"] = workload_args_meta(args)  # absolute paths: rebuildable later
         client = connect(settings.redis_url)
         workers = Producer(client, settings).require_workers()
         warning = fit_warning(client, settings, requests, workers)

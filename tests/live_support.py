@@ -3,9 +3,10 @@
 Each such module gets a Redis db of its own on the test server (conftest's
 `real_redis_base_url`: ``KVQ_TEST_REDIS_URL``, else 127.0.0.1:6379, else an embedded
 redis-server), so that test runs going on at the same time — other modules, the conftest
-`redis_url` fixture flushing db 15, the demo tests on db 8, the benchmarks on db 11 and
-their smoke tests on db 12 — never wipe each other's keys. The live modules need a whole db
-because RQ's queue names (``worker-0``) cannot carry a key prefix; the index
+`redis_url` fixture flushing db 15, the demo tests on db 8, the benchmarks on db 11,
+their smoke tests on db 12 and the distributed sweep's queue on db 5 — never wipe each
+other's keys. The live modules need a whole db because RQ's queue names (``worker-0``)
+cannot carry a key prefix; the index
 and router modules share one db and use a unique key prefix per test instead.
 
 Like conftest's `redis_url`, nothing here skips: an unreachable Redis FAILS the test.
@@ -37,6 +38,7 @@ E2E_DB = 10  # test_pipeline_e2e: flushed before every cluster
 FAULTS_DB = 7  # test_faults: flushed before every test
 PARITY_DB = 6  # test_parity: flushed before every cluster
 BENCH_DB = 12  # test_bench_smoke: the benchmark scripts flush it
+SWEEP_DB = 5  # test_sweep_distributed: the kvq-sim queue, flushed around every test
 
 
 def real_redis_url(base_url: str, db: int) -> str:

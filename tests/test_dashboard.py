@@ -137,3 +137,21 @@ def test_table_has_one_row_per_strategy_with_hit_rate_and_ideal(workload, result
     assert round_robin.split()[:3] == ["round_robin", "0.0%", "37.5%"]
     assert "2/1/0" in cache_aware.split()
     assert note.startswith("times in simulated ms")
+
+
+def test_table_reads_seconds_past_ten_and_counts_with_separators() -> None:
+    summary = {
+        "hit_rate": 0.5,
+        "ideal_hit_rate": 0.6,
+        "ttft_ms": {"mean": 558_623.4, "p50": 9_999.0, "p99": 12_345.0},
+        "e2e_ms": {"mean": 85.25, "p99": 10_000.0},
+        "completed": 12_031,
+        "rejected": 1_200,
+        "failed": 0,
+        "imbalance": {"max_over_mean": 1.5},
+    }
+    table = format_table({"strategies": {"cache_aware": summary}})
+    row = table.splitlines()[2]
+    assert "558.6 s" in row and "9,999" in row and "12.3 s" in row
+    assert "85.2" in row and "10.0 s" in row
+    assert "12,031/1,200/0" in row

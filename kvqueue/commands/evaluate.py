@@ -1,6 +1,7 @@
 """`kvqueue evaluate`: every registered policy on the evaluation suite, simulated.
 
-    kvqueue evaluate                       # the whole suite → docs/policies.md (+ figures)
+    kvqueue evaluate                       # the whole suite → runs/evaluate-<time>/policies.md
+    kvqueue evaluate --out docs/policies.md  # regenerate the documented comparison (+ figures)
     kvqueue evaluate --workloads shared-prefix-50,no-sharing --policies predictive,round_robin
     kvqueue evaluate --engines batched:calibrated --out /tmp/batched.md
 
@@ -10,6 +11,7 @@ See `kvqueue.report.evaluation` for the workloads, how their arrival rates are s
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from kvqueue.errors import ConfigError
@@ -18,7 +20,6 @@ from kvqueue.report.evaluation.runner import run_suite
 from kvqueue.report.evaluation.suite import (
     AZURE_REQUESTS,
     DEFAULT_DATA_DIR,
-    DEFAULT_OUT,
     EVALUATED_ENGINES,
     MOONCAKE_REQUESTS,
 )
@@ -47,7 +48,10 @@ def parse_engines(text: str | None) -> list[EngineConfig]:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help=f"markdown report (default {DEFAULT_OUT})"
+        "--out",
+        type=Path,
+        help="markdown report (default runs/evaluate-<time>/policies.md; give "
+        "docs/policies.md to update the documented comparison)",
     )
     parser.add_argument(
         "--data-dir",
@@ -86,9 +90,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
+def default_out() -> Path:
+    """Where a report goes when --out is not given: a fresh run directory, never docs/."""
+    return Path("runs") / time.strftime("evaluate-%Y%m%d-%H%M%S") / "policies.md"
+
+
 def run(args: argparse.Namespace) -> int:
     markdown, figures = run_suite(
-        out=args.out,
+        out=args.out or default_out(),
         data_dir=args.data_dir,
         policies=_names(args.policies),
         workloads=_names(args.workloads),

@@ -132,12 +132,8 @@ class LoadVerdict:
 
     def line(self) -> str:
         """One sentence: what was offered, that queueing dominates, what the cluster takes."""
-        takes = (
-            f"about {format_rate(self.capacity_rps)} req/s ({self.basis})"
-            if self.capacity_rps
-            else None
-        )
-        return _overload_sentence(self.offered_rps, self.num_requests, takes)
+        takes = f"about {format_rate(self.capacity_rps)} req/s" if self.capacity_rps else None
+        return _overload_sentence(self.offered_rps, self.num_requests, takes, self.basis)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -163,14 +159,15 @@ def overload_line(verdicts: Sequence[LoadVerdict]) -> str | None:
         return over[0].line()
     takes = (
         f"about {format_rate(capacities[0])}–{format_rate(capacities[-1])} req/s depending on "
-        f"the strategy ({over[0].basis})"
+        "the strategy"
     )
-    return _overload_sentence(over[0].offered_rps, over[0].num_requests, takes)
+    return _overload_sentence(over[0].offered_rps, over[0].num_requests, takes, over[0].basis)
 
 
-def _overload_sentence(offered_rps: float, num_requests: int, takes: str | None) -> str:
-    """The overload line; `takes` is what the cluster can take (``"about 7.1 req/s (…)"``)."""
-    takes = takes or "an unknown rate"
+def _overload_sentence(offered_rps: float, num_requests: int, takes: str | None, basis: str) -> str:
+    """The overload line; `takes` is what the cluster can take (``"about 7.1 req/s"``), by
+    `basis` (measured or estimated)."""
+    takes = f"{takes}, {basis}" if takes else "an unknown rate"
     if math.isinf(offered_rps):
         return (
             f"overload: all {format_count(num_requests)} requests arrive at once, so queueing, "

@@ -29,6 +29,7 @@ from typing import Any
 import redis
 from rq import Queue, Worker
 from rq.job import Job, JobStatus
+from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from kvqueue.errors import KVQueueError
@@ -142,7 +143,8 @@ class DistributedCells:
             return
         for job in Job.fetch_many(job_ids, connection=self.client, serializer=JSONSerializer):
             if job is not None:
-                job.delete(remove_from_queue=True, delete_dependents=True)
+                Result.delete_all(job)
+                job.delete(remove_from_queue=True)
 
 
 def _failure_reason(job: Job) -> str:

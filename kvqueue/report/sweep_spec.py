@@ -88,8 +88,8 @@ class Cell:
         return self.rate_rps is None
 
     def describe(self) -> str:
-        rate = "all at once" if self.rate_rps is None else f"{self.rate_rps:g} req/s"
-        return f"{self.strategy} on {self.num_workers} GPUs at {rate}"
+        rate = "every request at once" if self.rate_rps is None else f"{self.rate_rps:g} req/s"
+        return f"{self.strategy} on {self.num_workers} GPUs, {rate}"
 
     def to_dict(self) -> dict[str, Any]:
         return {

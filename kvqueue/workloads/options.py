@@ -54,6 +54,9 @@ def build_requests(
     if len(sources) > 1:
         raise ValueError("give only one of --workload, --prompts, --trace")
     workload = args.workload or (None if sources else args.default_workload)
+    for flag, path in (("--trace", args.trace), ("--prompts", args.prompts)):
+        if path is not None:
+            check_readable(flag, path)
     arrivals = "asap"
     if args.trace is not None:
         requests = _read_trace(args.trace, args.limit, args.length_scale, hash_seed)
@@ -86,6 +89,15 @@ def build_requests(
         "seed": args.seed,
     }
     return requests, meta
+
+
+def check_readable(flag: str, path: Path) -> None:
+    """Raise ValueError in one line, naming the flag and path, unless `path` is a file."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{flag} {path}: no such file")
+    if not path.is_file():
+        raise ValueError(f"{flag} {path}: not a file")
 
 
 def _read_trace(

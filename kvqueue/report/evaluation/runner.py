@@ -20,7 +20,6 @@ from kvqueue.report.evaluation.suite import (
     AZURE_FILE,
     AZURE_REQUESTS,
     DEFAULT_DATA_DIR,
-    DEFAULT_OUT,
     EVALUATED_ENGINES,
     MOONCAKE_FILE,
     MOONCAKE_REQUESTS,
@@ -182,7 +181,7 @@ def default_jobs() -> int:
 
 
 def run_suite(
-    out: Path = DEFAULT_OUT,
+    out: Path,
     data_dir: Path = DEFAULT_DATA_DIR,
     policies: Sequence[str] | None = None,
     workloads: Sequence[str] | None = None,

@@ -1,8 +1,10 @@
 """The evaluation suite: its fixed workloads, and the arrival rate that sets each one's load.
 
-    kvqueue evaluate            # or: python analysis/policies.py
+    kvqueue evaluate --out docs/policies.md      # or: python analysis/policies.py --out ...
 
-writes ``docs/policies.md`` (one table per workload) and ``docs/policies_p99_vs_hit.png``.
+writes ``docs/policies.md`` (one table per workload) and its figures
+(``docs/policies*_p99_vs_hit.png``); without ``--out`` the report goes to a run directory
+(``runs/evaluate-<time>/``).
 
 **Engines.** The suite runs once per engine model of `EVALUATED_ENGINES`: the sequential
 engine with the seed's latency constants (the default everywhere) and the batched engine with
@@ -56,9 +58,8 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 MOONCAKE_FILE = "mooncake_fast25_synthetic_trace.jsonl"
 AZURE_FILE = "azure2023_AzureLLMInferenceTrace_conv.csv"
-DEFAULT_OUT = REPO_ROOT / "docs" / "policies.md"
 FIGURE_SUFFIX = "_p99_vs_hit.png"
-COMMAND = "kvqueue evaluate"
+COMMAND = "kvqueue evaluate --out docs/policies.md"
 NUM_WORKERS = 4
 TRACE_PRESET = "qwen2.5-7b@h100-80gb"  # 67,114 blocks (1.07M tokens), 131k context
 MOONCAKE_REQUESTS = 1_500  # the trace's last ones: see `mooncake_tail`

@@ -1,0 +1,122 @@
+"""Capacity and overload: busy time, the two capacity figures, and the verdict on real runs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from kvqueue.gpu.results import RequestResult, RequestStatus
+from kvqueue.report.capacity import (
+    ESTIMATED,
+    MEASURED,
+    LoadVerdict,
+    busy_ms,
+    capacity_from_busy_time,
+    offered_rate_rps,
+    overload_line,
+    run_capacity_rps,
+    saturated_throughput_rps,
+)
+from kvqueue.report.dashboard import build_dashboard, format_table, load_verdicts
+from kvqueue.sim.simulation import simulate, worker_names
+from kvqueue.workloads.arrivals import retime
+from kvqueue.workloads.synthetic import make_workload
+
+
+def span(worker: str, start: float, finish: float) -> RequestResult:
+    return RequestResult(
+        f"{worker}-{start}", "run", worker, "s", RequestStatus.COMPLETED,
+        start_ms=start, finish_ms=finish,
+    )  # fmt: skip
+
+
+def test_busy_time_is_the_union_of_a_workers_service_spans() -> None:
+    results = [
+        span("worker-0", 0, 100),
+        span("worker-0", 50, 120),  # overlaps: counted once
+        span("worker-0", 200, 250),  # after a gap: the gap is idle
+        span("worker-1", 10, 20),
+    ]
+    assert busy_ms(results) == {"worker-0": 170.0, "worker-1": 10.0}
+
+
+def test_no_capacity_without_completed_work() -> None:
+    assert capacity_from_busy_time(0, 100.0, 2) is None
+    assert capacity_from_busy_time(5, 0.0, 2) is None
+    assert saturated_throughput_rps([]) is None
+
+
+def test_on_the_sequential_engine_the_estimate_is_workers_over_mean_service_time() -> None:
+    requests = retime(make_workload("no-sharing", 48, seed=1), "poisson", 2.0, seed=1)
+    results = simulate(requests, "round_robin", 3)
+    service = [r.prefill_ms + r.decode_ms for r in results]
+    assert run_capacity_rps(results, 3) == pytest.approx(3 * 1000 / np.mean(service))
+
+
+def test_a_saturating_run_measures_what_the_busy_time_estimates() -> None:
+    requests = make_workload("no-sharing", 96, seed=2)
+    light = simulate(retime(requests, "poisson", 1.0, seed=2), "round_robin", 4)
+    burst = simulate(retime(requests, "asap"), "round_robin", 4)
+    measured = saturated_throughput_rps(burst)
+    # The burst ends with workers draining one by one, so it measures a little less.
+    assert measured == pytest.approx(run_capacity_rps(light, 4), rel=0.05)
+    assert measured <= run_capacity_rps(burst, 4)
+
+
+def test_the_offered_rate_is_the_stated_one_else_read_from_the_arrivals() -> None:
+    assert offered_rate_rps([0.0, 10.0], nominal_rps=4.0) == 4.0
+    assert offered_rate_rps([0.0, 500.0, 1000.0, 2000.0]) == 1.5
+    assert math.isinf(offered_rate_rps([0.0, 0.0, 0.0]))
+    assert offered_rate_rps([5.0]) == 0.0
+
+
+def test_a_verdict_says_overload_queueing_and_the_rate_the_cluster_takes() -> None:
+    over = LoadVerdict(12.0, 8.0, MEASURED, num_requests=100, num_workers=4)
+    assert over.overloaded and over.load == 1.5
+    assert over.line() == (
+        "overload: 12 req/s offered, more than the cluster can take (about 8 req/s, measured): "
+        "queueing, not caching, dominates these latencies"
+    )
+    under = LoadVerdict(6.0, 8.0, MEASURED, 100, 4)
+    assert not under.overloaded and under.load == 0.75
+
+
+def test_a_burst_is_overloaded_when_more_requests_than_workers_arrive_at_once() -> None:
+    burst = LoadVerdict(math.inf, 7.5, ESTIMATED, num_requests=64, num_workers=4)
+    assert burst.overloaded and burst.load is None
+    assert burst.line().startswith("overload: all 64 requests arrive at once")
+    assert "the cluster can take about 7.5 req/s, estimated" in burst.line()
+    assert burst.to_dict()["offered_rps"] is None and burst.to_dict()["burst"]
+    assert not LoadVerdict(math.inf, 7.5, ESTIMATED, num_requests=4, num_workers=4).overloaded
+
+
+def test_one_overload_line_gives_the_range_of_capacities() -> None:
+    verdicts = [
+        LoadVerdict(10.0, 6.0, ESTIMATED, 64, 4),
+        LoadVerdict(10.0, 7.25, ESTIMATED, 64, 4),
+        LoadVerdict(10.0, 12.0, ESTIMATED, 64, 4),  # not overloaded: not in the range
+    ]
+    line = overload_line(verdicts)
+    assert line is not None and "about 6–7.25 req/s depending on the strategy" in line
+    assert overload_line(verdicts[2:]) is None
+
+
+@pytest.mark.parametrize(("utilization", "overloaded"), [(0.5, False), (2.0, True)])
+def test_a_simulated_run_is_marked_overloaded_exactly_when_offered_more_than_it_takes(
+    utilization: float, overloaded: bool
+) -> None:
+    requests = make_workload("no-sharing", 64, seed=3)
+    probe = simulate(retime(requests, "poisson", 1.0, seed=3), "round_robin", 2)
+    rate = utilization * run_capacity_rps(probe, 2)
+    timed = retime(requests, "poisson", rate, seed=3)
+    results = {"round_robin": simulate(timed, "round_robin", 2)}
+    meta = {"arrivals": "poisson", "rate_rps": rate, "arrival_scale": 1.0}
+    dashboard = build_dashboard(results, timed, worker_names(2), meta)
+    verdict = load_verdicts(dashboard)["round_robin"]
+    assert verdict.overloaded is overloaded
+    assert verdict.offered_rps == rate
+    table = format_table(dashboard)
+    assert ("overload:" in table) is overloaded
+    assert ("!" in table.splitlines()[2]) is overloaded
