@@ -37,6 +37,7 @@ from kvqueue.errors import KVQueueError
 from kvqueue.gpu.results import RequestResult, RequestStatus
 from kvqueue.live.hygiene import check_redis_is_free, clear_routing_state, drop_queued_jobs
 from kvqueue.report.dashboard import DASHBOARD_FILE
+from kvqueue.report.html import REPORT_FILE
 from kvqueue.report.metrics import ideal_hit_rate
 from kvqueue.report.plots import PLOT_FILES
 from kvqueue.workloads.recorded import rebuild_requests
@@ -110,7 +111,8 @@ def assert_nothing_left(marker: str) -> None:
     assert not left, f"processes left behind: {left}"
 
 
-def run_demo(args: list[str], env: dict[str, str], timeout: float = 110) -> dict:
+def run_demo(args: list[str], env: dict[str, str], timeout: float = 110) -> tuple[dict, str]:
+    """The demo's dashboard (its --json stdout) and its stderr."""
     done = subprocess.run(
         [sys.executable, "-m", "kvqueue", "demo", "--small", "--json", "--timeout", "60", *args],
         cwd=REPO_ROOT,
@@ -120,7 +122,7 @@ def run_demo(args: list[str], env: dict[str, str], timeout: float = 110) -> dict
         timeout=timeout,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    return orjson.loads(done.stdout)
+    return orjson.loads(done.stdout), done.stderr
 
 
 def assert_comparison_json(dashboard: dict, strategies: list[str]) -> None:
@@ -148,14 +150,18 @@ def test_demo_small_on_embedded_redis(tmp_path: Path) -> None:
     """What a newcomer gets: no REDIS_URL, an embedded redis-server, three strategies."""
     marker = uuid.uuid4().hex
     out = tmp_path / "demo"
-    dashboard = run_demo(["--out", str(out)], child_env(marker))
+    dashboard, stderr = run_demo(["--out", str(out)], child_env(marker))
     assert_comparison_json(dashboard, ["cache_aware", "round_robin", "least_loaded"])
     assert dashboard["meta"]["mode"] == "live"
     assert dashboard["meta"]["redis"].startswith("embedded redis-server")
     assert dashboard["meta"]["arrivals"] == "poisson"
     assert orjson.loads((out / DASHBOARD_FILE).read_bytes()) == dashboard
-    for name in (*PLOT_FILES, "results_cache_aware.jsonl"):
+    for name in (*PLOT_FILES, REPORT_FILE, "results_cache_aware.jsonl"):
         assert (out / name).stat().st_size > 0, name
+    # Progress during each strategy's run, as whole lines in a log (stderr is not a terminal).
+    for strategy in dashboard["strategies"]:
+        assert f"{strategy} done: 32/32 (100%)" in stderr.splitlines(), strategy
+    assert "\r" not in stderr
     assert_nothing_left(marker)
 
 
@@ -173,7 +179,7 @@ def test_demo_small_on_redis_url_then_dashboard_by_run_id(
     marker = uuid.uuid4().hex
     env = child_env(marker, REDIS_URL=url, KVQ_PREFIX=prefix)
     strategies = ["cache_aware", "round_robin"]
-    dashboard = run_demo(
+    dashboard, _ = run_demo(
         ["--strategies", ",".join(strategies), "--out", str(tmp_path / "demo")], env
     )
     assert_comparison_json(dashboard, strategies)
@@ -198,6 +204,9 @@ def test_demo_small_on_redis_url_then_dashboard_by_run_id(
     )
     assert done.returncode == 0, done.stderr
     assert "cache_aware" in done.stdout  # the table
+    assert "<strategy>" not in done.stdout
+    for name in strategies:
+        assert f"{out / f'results_{name}.jsonl'}" in done.stdout
     rebuilt = orjson.loads((out / DASHBOARD_FILE).read_bytes())
     assert rebuilt["ideal_hit_rate"] == pytest.approx(dashboard["ideal_hit_rate"])
     for name in strategies:

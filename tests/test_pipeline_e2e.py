@@ -15,6 +15,7 @@ worker that forgot to publish an eviction.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -305,3 +306,30 @@ def test_send_py_wait_json_prints_the_run_summary(live: Live) -> None:
     assert summary["hit_rate"] == pytest.approx(12 * 16 / 288)  # fresh workers, as above
     assert set(summary["per_worker"]) == set(WORKERS)
     assert sum(row["requests"] for row in summary["per_worker"].values()) == NUM_TINY
+
+
+def test_a_prompts_run_keeps_its_file_path_so_the_dashboard_knows_the_ideal(
+    live: Live, tmp_path: Path
+) -> None:
+    """send.py given a prompts file by a relative path; dashboard.py run from elsewhere later
+    still rebuilds the requests (the run stores the absolute path), so the ideal is known."""
+    shutil.copy(REPO_ROOT / "examples" / "prompts.jsonl", tmp_path / "prompts.jsonl")
+    env = {**os.environ, "REDIS_URL": live.url, "KVQ_PREFIX": PREFIX,
+           "KVQ_TIME_SCALE": str(TIME_SCALE)}  # fmt: skip
+    send = [sys.executable, str(REPO_ROOT / "producer" / "send.py"), "--prompts", "prompts.jsonl",
+            "--strategy", "cache_aware", "--wait", "--json"]  # fmt: skip
+    with live.fresh_cluster():
+        sent = subprocess.run(
+            send, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
+    assert sent.returncode == 0, sent.stderr
+    run_id = orjson.loads(sent.stdout)["run_id"]
+    dashboard = [sys.executable, str(REPO_ROOT / "analysis" / "dashboard.py"), "--run-id", run_id,
+                 "--out", str(tmp_path / "dash"), "--json"]  # fmt: skip
+    done = subprocess.run(dashboard, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = orjson.loads(done.stdout)
+    ideal = result["ideal_hit_rate"]
+    assert isinstance(ideal, float) and ideal > 0.5  # two shared system prompts, 8 uses each
+    assert result["strategies"]["cache_aware"]["hit_rate"] <= ideal
+    assert "cannot rebuild" not in done.stderr

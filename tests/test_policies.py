@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import redis
@@ -47,6 +51,8 @@ from kvqueue.workloads.synthetic import make_workload, shared_prefix
 
 NEW_POLICIES = ("sglang", "dynamo", "llmd", "preble", "chwbl", "predictive")
 LATENCY = LatencyModel()  # prefill = 5 + 2.5 × blocks; decode = 15 per token
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def block_hashes(label: str, num_blocks: int) -> list[BlockHash]:
@@ -609,3 +615,16 @@ def test_a_batched_engine_s_load_is_set_against_its_measured_cold_capacity() -> 
     # Batching serves many requests at once: far more than one at a time would.
     sequential = 4 * 1000.0 / suite.cold_service_ms(requests, LATENCY)
     assert capacity > 2 * sequential
+
+
+def test_kvqueue_evaluate_writes_docs_only_when_asked(tmp_path) -> None:
+    docs = REPO_ROOT / "docs" / "policies.md"
+    before = docs.read_bytes()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    command = [sys.executable, "-m", "kvqueue", "evaluate", "--workloads", "no-sharing",
+               "--policies", "round_robin", "--size", "0.05", "--quiet"]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    (written,) = tmp_path.glob("runs/evaluate-*/policies.md")
+    assert done.stdout.startswith(f"wrote {written.relative_to(tmp_path)}")
+    assert docs.read_bytes() == before

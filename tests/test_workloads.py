@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from collections import Counter, defaultdict
 from itertools import pairwise
 from pathlib import Path
@@ -298,3 +301,30 @@ def test_unknown_arrival_process_lists_the_valid_ones():
         retime([], "bursty")
     with pytest.raises(ValueError, match="needs rate_rps"):
         retime([], "poisson")
+
+
+# -- a file that is not there, from every entry point ------------------------------------------
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [
+        (["-m", "kvqueue", "simulate"], "--prompts"),
+        (["-m", "kvqueue", "simulate"], "--trace"),
+        (["-m", "kvqueue", "sweep"], "--trace"),
+        ([str(REPO_ROOT / "producer" / "send.py")], "--prompts"),
+        ([str(REPO_ROOT / "analysis" / "compare.py")], "--prompts"),
+    ],
+)
+def test_a_missing_workload_file_is_one_line_not_a_traceback(tmp_path, command, flag):
+    missing = tmp_path / "nowhere.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "REDIS_URL": "redis://127.0.0.1:1/0"}
+    done = subprocess.run(
+        [sys.executable, *command, flag, str(missing)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if "nowhere.jsonl" in line]
+    assert len(errors) == 1 and errors[0].endswith(f"{flag} {missing}: no such file")
+    assert "Traceback" not in done.stderr
