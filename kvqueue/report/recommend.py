@@ -32,6 +32,11 @@ def _rate_text(row: Mapping[str, Any]) -> str:
     return f"{rate} req/s" if row["bounded"] else f"at least {rate} req/s"
 
 
+def _ratio(value: float) -> str:
+    """``2.1×``, ``1.15×``: two decimals without trailing zeros."""
+    return f"{value:.2f}".rstrip("0").rstrip(".") + "×"
+
+
 def _headline(result: Mapping[str, Any]) -> str:
     meta = result["meta"]
     strategies = meta["strategies"]
@@ -66,7 +71,7 @@ def _headline(result: Mapping[str, Any]) -> str:
     ratio = best_row["rate_rps"] / base_row["rate_rps"]
     at_least = "" if best_row["bounded"] else "at least "
     return (
-        f"{where[0].upper()}{where[1:]}, {best} sustains {at_least}{ratio:.1f}× {baseline}'s "
+        f"{where[0].upper()}{where[1:]}, {best} sustains {at_least}{_ratio(ratio)} {baseline}'s "
         f"rate within the SLO: {_rate_text(best_row)} against {_rate_text(base_row)}."
     )
 
@@ -97,7 +102,7 @@ def _gpus_line(result: Mapping[str, Any]) -> str | None:
         )
     return (
         f"At {rate} req/s, {best} needs {needs[best]} GPUs and {baseline} {needs[baseline]}: "
-        f"cache-aware routing saves {saved} GPU{'s' if saved > 1 else ''} at {rate} req/s."
+        f"cache-aware routing saves {saved} GPU{'s' if saved > 1 else ''}."
     )
 
 
