@@ -212,8 +212,7 @@ def test_the_gpus_saved_at_the_target_rate() -> None:
         )
     )
     assert lines[1] == (
-        "At 10 req/s, predictive needs 4 GPUs and round_robin 8: cache-aware routing saves "
-        "4 GPUs."
+        "At 10 req/s, predictive needs 4 GPUs and round_robin 8: cache-aware routing saves 4 GPUs."
     )
 
 

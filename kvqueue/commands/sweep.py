@@ -107,23 +107,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
-    if text is None:
-        return None
+def _numbers(text: str, flag: str, kind: type[float] | type[int]) -> tuple:
+    """A comma-separated list of `kind` from a flag, or ValueError naming the flag and text."""
+    what = "numbers" if kind is float else "whole numbers"
     try:
-        values = tuple(float(part) for part in text.split(",") if part.strip())
+        values = tuple(kind(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise ValueError(f"{flag} is empty")
-    return values
-
-
-def _ints(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise ValueError(f"{flag} must be comma-separated whole numbers, got {text!r}") from None
+        raise ValueError(f"{flag} must be comma-separated {what}, got {text!r}") from None
     if not values:
         raise ValueError(f"{flag} is empty")
     return values
@@ -151,10 +141,10 @@ def run(args: argparse.Namespace) -> int:
             args=args,
             settings=settings,
             strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()),
-            workers=_ints(args.workers, "--workers"),
-            rates=_floats(args.rates, "--rates"),
+            workers=_numbers(args.workers, "--workers", int),
+            rates=None if args.rates is None else _numbers(args.rates, "--rates", float),
             target_rate=args.target_rate,
-            target_workers=_ints(args.target_workers, "--target-workers"),
+            target_workers=_numbers(args.target_workers, "--target-workers", int),
             slo_ttft_ms=args.slo_ttft,
             slo_tpot_ms=args.slo_tpot,
             attainment=args.attainment,

@@ -44,10 +44,12 @@ from kvqueue.gpu.results import RequestResult, RequestStatus
 from kvqueue.report.dashboard import load_run
 from kvqueue.report.style import (
     STYLE,
+    corner_note,
     finish_figure,
     ms_formatter,
     ms_label,
     note,
+    spans_decades,
     strategy_colors,
 )
 from kvqueue.report.tradeoff_plot import plot_tradeoff
@@ -177,7 +179,7 @@ def plot_latency_cdf(
     }
     everything = np.concatenate([v for v in series.values() if v.size] or [np.zeros(0)])
     positive = everything[everything > 0]
-    log_x = positive.size > 0 and positive.max() / positive.min() > 10
+    log_x = spans_decades(positive.tolist())
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
         missing = []
@@ -234,15 +236,7 @@ def plot_latency_cdf(
         ax.set_ylabel("completed requests (cumulative %)")
         ax.set_title(title)
         if missing:
-            ax.text(
-                0.01,
-                0.98,
-                "no completed requests: " + ", ".join(missing),
-                transform=ax.transAxes,
-                va="top",
-                fontsize=8,
-                color="0.4",
-            )
+            corner_note(ax, "no completed requests: " + ", ".join(missing))
         if not everything.size:
             note(ax, "no completed requests")
         else:

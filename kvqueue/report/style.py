@@ -59,6 +59,22 @@ def note(ax: Axes, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
 
 
+def corner_note(ax: Axes, text: str) -> None:
+    """A small grey note in the top-left corner (e.g. which strategies drew nothing)."""
+    ax.text(0.01, 0.98, text, transform=ax.transAxes, va="top", fontsize=8, color="0.4")
+
+
+def spans_decades(values: Sequence[float]) -> bool:
+    """The positive `values` span more than a factor of 10: worth a log axis."""
+    positive = [v for v in values if v > 0]
+    return bool(positive) and max(positive) / min(positive) > 10
+
+
+def objective_line(ax: Axes, value: float, label: str) -> None:
+    """A dashed horizontal line for an objective (an SLO, a target)."""
+    ax.axhline(value, color="0.3", linestyle="--", linewidth=1.1, label=label)
+
+
 def ms_formatter(value: float, _pos: int) -> str:
     """Axis ticks: ``50 ms``, ``1 s``, ``2.5 s``."""
     if value >= 1000:

@@ -23,7 +23,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import FuncFormatter, PercentFormatter
 
-from kvqueue.report.style import STYLE, finish_figure, ms_formatter, note, strategy_colors
+from kvqueue.report.style import (
+    STYLE,
+    finish_figure,
+    ms_formatter,
+    note,
+    objective_line,
+    spans_decades,
+    strategy_colors,
+)
 from kvqueue.report.tradeoff_plot import plot_tradeoff
 from kvqueue.report.units import format_rate
 
@@ -121,25 +129,12 @@ def plot_vs_rate(
             ax.plot(rates, rates, "--", color="0.5", linewidth=1, label="every request in SLO")
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: format_rate(v)))
         elif metric == "ttft_p99":
-            ax.axhline(
-                slo["ttft_ms"],
-                color="0.3",
-                linestyle="--",
-                linewidth=1.1,
-                label=f"TTFT SLO ({ms_formatter(slo['ttft_ms'], 0)})",
-            )
-            positive = [v for v in values_seen if v > 0]
-            if positive and max(positive) / min(positive) > 10:
+            objective_line(ax, slo["ttft_ms"], f"TTFT SLO ({ms_formatter(slo['ttft_ms'], 0)})")
+            if spans_decades(values_seen):
                 ax.set_yscale("log")
             ax.yaxis.set_major_formatter(FuncFormatter(ms_formatter))
         elif metric == "attainment":
-            ax.axhline(
-                slo["attainment"],
-                color="0.3",
-                linestyle="--",
-                linewidth=1.1,
-                label=f"target ({100 * slo['attainment']:g}%)",
-            )
+            objective_line(ax, slo["attainment"], f"target ({100 * slo['attainment']:g}%)")
             ax.set_ylim(0, 1.05)
             ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
         ax.plot([], [], "o", color="0.4", markerfacecolor="white", label="overloaded cell")
@@ -186,8 +181,7 @@ def plot_quantile_cdf(
                 values, np.linspace(0, 1, len(values)), color=colors[name], linewidth=2, label=name
             )
             drawn = True
-        positive = [v for c in cells.values() for v in c[key] if v > 0]
-        if positive and max(positive) / min(positive) > 10:
+        if spans_decades([v for c in cells.values() for v in c[key]]):
             ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(ms_formatter))
         ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))

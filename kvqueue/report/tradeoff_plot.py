@@ -15,7 +15,16 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter, PercentFormatter
 
-from kvqueue.report.style import STYLE, finish_figure, ms_formatter, note, strategy_colors
+from kvqueue.report.style import (
+    STYLE,
+    corner_note,
+    finish_figure,
+    ms_formatter,
+    note,
+    objective_line,
+    spans_decades,
+    strategy_colors,
+)
 
 Point = tuple[float | None, float | None, str]  # (hit rate 0–1, p99 TTFT ms, label)
 
@@ -55,15 +64,8 @@ def plot_tradeoff(
                         color=colors[name],
                     )
         if slo_ttft_ms is not None:
-            ax.axhline(
-                slo_ttft_ms,
-                color="0.3",
-                linestyle="--",
-                linewidth=1.1,
-                label=f"TTFT SLO ({ms_formatter(slo_ttft_ms, 0)})",
-            )
-        positive = [p for p in drawn if p > 0]
-        if positive and max(positive) / min(positive) > 10:
+            objective_line(ax, slo_ttft_ms, f"TTFT SLO ({ms_formatter(slo_ttft_ms, 0)})")
+        if spans_decades(drawn):
             ax.set_yscale("log")
         elif drawn:
             ax.set_ylim(bottom=0, top=max([*drawn, slo_ttft_ms or 0.0]) * 1.12)
@@ -74,15 +76,7 @@ def plot_tradeoff(
         ax.set_ylabel("p99 TTFT (simulated) ↓ better")
         ax.set_title(title)
         if missing:
-            ax.text(
-                0.01,
-                0.98,
-                "no completed requests: " + ", ".join(missing),
-                transform=ax.transAxes,
-                va="top",
-                fontsize=8,
-                color="0.4",
-            )
+            corner_note(ax, "no completed requests: " + ", ".join(missing))
         if drawn:
             ax.legend(loc="best", fontsize=9)
         else:
