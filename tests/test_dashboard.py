@@ -15,6 +15,7 @@ from kvqueue.report.dashboard import (
     load_run,
     write_run,
 )
+from kvqueue.report.run_summary import format_summary
 
 WORKERS = ["worker-0", "worker-1"]
 
@@ -155,3 +156,22 @@ def test_table_reads_seconds_past_ten_and_counts_with_separators() -> None:
     assert "558.6 s" in row and "9,999" in row and "12.3 s" in row
     assert "85.2" in row and "10.0 s" in row
     assert "12,031/1,200/0" in row
+
+
+def test_the_run_summary_reads_seconds_past_ten_and_counts_with_separators() -> None:
+    summary = {
+        "run_id": "r1",
+        "strategy": "cache_aware",
+        "completed": 12_031,
+        "rejected": 0,
+        "failed": 2,
+        "hit_rate": 0.337,
+        "ttft_ms": {"mean": 558_623.0, "p50": 185.0, "p90": 9_500.0, "p99": 985_000.0},
+        "e2e_ms": {"mean": 12.25, "p50": None, "p99": 10_000.0},
+        "per_worker": {"worker-0": {"requests": 6_016}, "worker-1": {"requests": 6_015}},
+    }
+    text = format_summary(summary)
+    assert "completed 12,031  rejected 0  failed 2  hit rate 33.7%" in text
+    assert "TTFT  mean 558.6 s  p50 185 ms  p90 9,500 ms  p99 985.0 s" in text
+    assert "e2e   mean 12.2 ms  p50 -  p99 10.0 s" in text
+    assert "worker-0 6,016, worker-1 6,015" in text
