@@ -20,6 +20,8 @@ from kvqueue.report.capacity import (
     saturated_throughput_rps,
 )
 from kvqueue.report.dashboard import build_dashboard, format_table, load_verdicts
+from kvqueue.report.run_report import run_conclusion
+from kvqueue.report.units import format_rate
 from kvqueue.sim.simulation import simulate, worker_names
 from kvqueue.workloads.arrivals import retime
 from kvqueue.workloads.synthetic import make_workload
@@ -120,3 +122,8 @@ def test_a_simulated_run_is_marked_overloaded_exactly_when_offered_more_than_it_
     table = format_table(dashboard)
     assert ("overload:" in table) is overloaded
     assert ("!" in table.splitlines()[2]) is overloaded
+    conclusion = run_conclusion(dashboard)[-1]
+    if overloaded:
+        assert conclusion.startswith(f"Overload: {format_rate(rate)} req/s offered")
+    else:
+        assert conclusion.startswith(f"No run was overloaded (offered load {utilization:.2f}")

@@ -75,9 +75,17 @@ def run_conclusion(dashboard: Mapping[str, Any]) -> list[str]:
                 f"{format_duration(p99(strategies[tail]))} against "
                 f"{format_duration(p99(strategies[hits]))} for {hits}."
             )
-    overload = overload_line(list(load_verdicts(dashboard).values()))
+    verdicts = list(load_verdicts(dashboard).values())
+    overload = overload_line(verdicts)
+    loads = sorted(v.load for v in verdicts if v.load is not None)
     if overload:
         lines.append(overload[0].upper() + overload[1:] + ".")
+    elif loads:
+        span = f"{loads[0]:.2f}" if loads[0] == loads[-1] else f"{loads[0]:.2f}–{loads[-1]:.2f}"
+        lines.append(
+            f"No run was overloaded (offered load {span} of the estimated capacity): the "
+            "latencies come from routing and caching, not from a backlog."
+        )
     rejected = {n: s.get("rejected", 0) for n, s in strategies.items() if s.get("rejected")}
     if rejected:
         worst = max(rejected.values())

@@ -15,10 +15,10 @@ Steps (`run_sweep`):
 3. **Cells.** Every policy × cluster size × rate (`kvqueue.report.sweep_cell`), run by a
    `CellRunner`: local processes, or RQ jobs for ``rq worker kvq-sim`` processes.
 4. **Answers** (`sweep_result`): each cell marked overloaded when its rate exceeds the
-   measured capacity; the highest rate each policy sustains at each cluster size — SLO
-   attainment ≥ the target, below the measured capacity (`kvqueue.report.slo`); with a target rate, the fewest GPUs of
-   those tested with which each policy meets the SLO at it; and a recommendation in plain
-   words (`kvqueue.report.recommend`).
+   measured capacity; the highest rate each policy sustains at each cluster size (SLO
+   attainment ≥ the target, below the measured capacity: `kvqueue.report.slo`); with a
+   target rate, the fewest GPUs of those tested with which each policy meets the SLO at it;
+   and a recommendation in plain words (`kvqueue.report.recommend`).
 
 **Default SLO** (when ``--slo-ttft`` / ``--slo-tpot`` are not given), sized to the workload:
 `idle_latencies` serves a sample of its requests each alone on an idle GPU of the chosen
