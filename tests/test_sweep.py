@@ -144,6 +144,7 @@ def test_cells_give_the_same_numbers_in_one_process_or_several(
         (["--rates", "2,0"], "rates must be positive numbers of requests/s, got 0.0"),
         (["--rates", "two"], "--rates must be comma-separated numbers, got 'two'"),
         (["--workers", "0"], "worker counts must be >= 1, got [0]"),
+        (["--workers", "2,4,2"], "worker counts given more than once: [2]"),
         (["--strategies", "nope"], "unknown"),
         (["--slo-ttft", "-5"], "ttft_ms must be a positive number of ms, got -5.0"),
         (["--prompts", "missing.jsonl"], "missing.jsonl: no such file"),

@@ -94,6 +94,10 @@ class SweepPlan:
                 raise ConfigError(f"worker counts must be >= 1, got {list(counts)}")
         if not self.workers:
             raise ConfigError("no worker counts to sweep")
+        for name, values in (("worker counts", self.workers), ("rates", self.rates or ())):
+            repeated = sorted({v for v in values if list(values).count(v) > 1})
+            if repeated:
+                raise ConfigError(f"{name} given more than once: {repeated}")
         given = [*(self.rates or ()), *([] if self.target_rate is None else [self.target_rate])]
         for rate in given:
             if not (math.isfinite(rate) and rate > 0):
