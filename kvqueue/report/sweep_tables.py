@@ -44,6 +44,7 @@ def sustained_table(result: Mapping[str, Any]) -> Table:
                 format_count(r["num_workers"]),
                 _rate_cell(r),
                 ratio,
+                r.get("limited_by") or "-",
                 format_rate(capacity.get((r["strategy"], r["num_workers"]))),
             )
         )
@@ -52,12 +53,14 @@ def sustained_table(result: Mapping[str, Any]) -> Table:
         ("GPUs", ">"),
         ("max rate in SLO", ">"),
         (f"vs {baseline}", ">"),
+        ("next rate fails", ">"),
         ("capacity", ">"),
     )
     attainment = meta["slo"]["attainment"]
     notes = (
         f"rates in req/s; max rate in SLO = highest rate tested with ≥ {100 * attainment:g}% of "
-        "requests within the SLO (≥: every rate tested met it; <: none did); capacity = "
+        "requests within the SLO (≥: every rate tested met it; <: none did); next rate fails "
+        "on the SLO, or on capacity (offered more than the cluster takes); capacity = "
         "throughput when every request arrives at once (measured)",
     )
     return Table("Highest rate sustained within the SLO", columns, tuple(rows), notes)
