@@ -1,12 +1,21 @@
-"""SLO arithmetic: TPOT as vLLM defines it, attainment, goodput, the highest rate sustained."""
+"""SLO arithmetic: one TPOT (vLLM's), attainment, goodput, the highest rate sustained."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 
 from kvqueue.errors import ConfigError
+from kvqueue.gpu.engines import EngineConfig
+from kvqueue.gpu.latency import tpot_ms
 from kvqueue.gpu.results import RequestResult, RequestStatus
-from kvqueue.report.slo import Slo, highest_rate_sustained, meets_slo, request_tpot_ms, slo_summary
+from kvqueue.report.dashboard import build_dashboard
+from kvqueue.report.slo import Slo, highest_rate_sustained, meets_slo, slo_summary
+from kvqueue.report.sweep_cell import cell_metrics
+from kvqueue.report.sweep_spec import Cell
+from kvqueue.sim.simulation import simulate
+from kvqueue.workloads.synthetic import make_workload
 
 
 def done(
@@ -29,6 +38,7 @@ def done(
         decode_ms=decode_ms,
         e2e_ms=ttft_ms + decode_ms,
         decode_tokens=decode_tokens,
+        tpot_ms=tpot_ms(ttft_ms, ttft_ms + decode_ms, decode_tokens),
     )
 
 
@@ -38,12 +48,33 @@ def rejected(request_id: str = "x") -> RequestResult:
 
 def test_tpot_is_the_time_after_the_first_token_over_the_tokens_after_it() -> None:
     # vLLM: (latency - ttft) / (output_len - 1): 150 ms over 10 tokens after the first.
-    assert request_tpot_ms(done(ttft_ms=40.0, decode_tokens=11, decode_ms=150.0)) == 15.0
+    assert tpot_ms(40.0, 190.0, 11) == 15.0
 
 
-def test_tpot_of_one_token_or_none_is_zero_so_it_never_breaks_the_slo() -> None:
-    assert request_tpot_ms(done(40.0, decode_tokens=1, decode_ms=15.0)) == 0.0
-    assert request_tpot_ms(done(40.0, decode_tokens=0, decode_ms=0.0)) == 0.0
+def test_a_one_token_answer_has_no_tpot_and_never_breaks_the_tpot_objective() -> None:
+    assert tpot_ms(40.0, 55.0, 1) is None and tpot_ms(40.0, 40.0, 0) is None
+    assert meets_slo(done(40.0, decode_tokens=1, decode_ms=15.0), Slo(100.0, 1.0))
+
+
+@pytest.mark.parametrize(
+    "engine", [EngineConfig("sequential", "seed"), EngineConfig("batched", "calibrated")]
+)
+def test_every_engine_records_tpot_as_vllm_defines_it(engine: EngineConfig) -> None:
+    results = simulate(make_workload("shared-prefix-tiny", seed=3), "round_robin", 2, engine=engine)
+    timed = [r for r in results if r.decode_tokens > 1]
+    assert timed and all(r.status == RequestStatus.COMPLETED for r in results)
+    for r in timed:
+        assert r.tpot_ms == pytest.approx((r.e2e_ms - r.ttft_ms) / (r.decode_tokens - 1))
+
+
+def test_reports_read_the_engines_tpot_and_never_compute_another() -> None:
+    # A TPOT unlike (e2e - TTFT) / (n - 1): whatever reports show must be this field.
+    results = [dataclasses.replace(done(50.0, request_id=f"r{i}"), tpot_ms=7.0) for i in range(3)]
+    dashboard = build_dashboard({"round_robin": results}, [], ["worker-0"])
+    assert dashboard["strategies"]["round_robin"]["tpot_ms"]["p99"] == 7.0
+    record = cell_metrics(Cell("round_robin", 1, 1.0), results, Slo(100.0, 10.0))
+    assert record["tpot_ms"]["mean"] == 7.0 and set(record["tpot_quantiles"]) == {7.0}
+    assert record["attainment"] == 1.0  # 7 ms meets a 10 ms objective; 15 ms would not
 
 
 def test_a_request_meets_the_slo_only_within_both_objectives_and_completed() -> None:
@@ -66,7 +97,6 @@ def test_attainment_counts_every_request_sent_and_goodput_spans_the_makespan() -
     assert summary["num_meeting_slo"] == 2
     assert summary["attainment"] == 2 / 4
     assert summary["goodput_rps"] == pytest.approx(2 / 2.010)
-    assert summary["tpot_ms"]["p50"] == 15.0
 
 
 def test_slo_values_are_checked_and_named() -> None:

@@ -3,6 +3,7 @@
 prefill = prefill_base_ms + prefill_per_block_ms × blocks_to_compute
 decode  = decode_per_token_ms × decode_tokens
 TTFT    = queue wait + prefill;   end-to-end = TTFT + decode
+TPOT    = (end-to-end − TTFT) / (output tokens − 1)     (`tpot_ms`, every engine)
 """
 
 from __future__ import annotations
@@ -45,3 +46,17 @@ def ttft_ms(queue_wait_ms: float, prefill_ms: float) -> float:
 
 def end_to_end_ms(ttft: float, decode_ms: float) -> float:
     return ttft + decode_ms
+
+
+def tpot_ms(ttft: float, e2e: float, output_tokens: int) -> float | None:
+    """Time per output token as vLLM's serving benchmark defines it: the time after the first
+    token over the gaps that follow it, ``(e2e − TTFT) / (output tokens − 1)``
+    (vllm-project/vllm@009e6d4a:vllm/benchmarks/serve.py, ``calculate_metrics``).
+
+    The one definition every engine reports (`RequestResult.tpot_ms`) and every report reads.
+    None when there is no gap to time (fewer than 2 output tokens); vLLM's goodput counts such
+    a request's TPOT as 0.
+    """
+    if output_tokens < 2:
+        return None
+    return (e2e - ttft) / (output_tokens - 1)

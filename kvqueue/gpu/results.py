@@ -19,11 +19,10 @@ class RequestResult:
 
     For rejected and failed requests the latency fields are 0 and `reason` is set.
 
-    `tpot_ms` is the time per output token: for the batched engine, whose prefill step emits
-    the first token, ``(finish − first token) / (decode_tokens − 1)``; for the sequential
-    engine, whose prefill emits none, ``decode_ms / decode_tokens``. None when there is no
-    gap to time (fewer than 2 tokens, or 0 for the sequential engine; results stored before
-    the field existed). `preemptions` counts how often the batched engine preempted it.
+    `tpot_ms` is the time per output token as vLLM's serving benchmark defines it,
+    ``(e2e_ms − ttft_ms) / (decode_tokens − 1)`` (`kvqueue.gpu.latency.tpot_ms`), for every
+    engine; None when there is no gap to time (fewer than 2 output tokens; results stored
+    before the field existed). `preemptions` counts how often the batched engine preempted it.
     """
 
     request_id: str

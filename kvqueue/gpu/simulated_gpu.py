@@ -44,11 +44,6 @@ class Execution:
     def service_ms(self) -> float:
         return self.prefill_ms + self.decode_ms
 
-    @property
-    def tpot_ms(self) -> float | None:
-        """Decode time per output token (the prefill emits none); None without output."""
-        return self.decode_ms / self.decode_tokens if self.decode_tokens else None
-
 
 class SimulatedGpu:
     """A preset's block cache plus the latency model and the decode-length oracle."""

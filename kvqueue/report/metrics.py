@@ -7,7 +7,8 @@ Definitions (times in simulated milliseconds):
   requests — lower than the block rate because partial last blocks never hit.
 - **latency stats** of queue wait, prefill, decode, TTFT and end-to-end: mean, p50, p90, p99
   (``numpy.percentile``, linear interpolation) over completed requests; **TPOT** (time per
-  output token, `RequestResult.tpot_ms`) the same over the completed requests that have one.
+  output token, (e2e − TTFT) / (output tokens − 1) as the engines record it in
+  `RequestResult.tpot_ms`) the same over the completed requests that have one.
 - **makespan** = last `finish_ms` − first `arrival_ms` over completed requests;
   **throughput** = completed requests per second of makespan (and output tokens per second).
 - **per worker**: completed requests, their prompt tokens, blocks and hit blocks, output

@@ -488,7 +488,7 @@ def write_plots(
             "tpot_ms",
             out / TPOT_CDF_FILE,
             "Time per output token (TPOT)",
-            "TPOT = mean gap between a request's output tokens",
+            "TPOT = (end-to-end − TTFT) / (output tokens − 1)",
         ),
         plot_kv_usage(dashboard, out / KV_USAGE_FILE),
     ]

@@ -1,12 +1,12 @@
-"""Service-level objectives: a request's TPOT, SLO attainment, goodput, the rate sustained.
+"""Service-level objectives: SLO attainment, goodput, the highest rate sustained.
 
 Definitions (times in simulated ms):
 
-- **TPOT** (time per output token) of a completed request = (end-to-end − TTFT) / (output
-  tokens − 1) when it generated more than one token, else 0 — vLLM's benchmark definition
-  (vllm-project/vllm@009e6d4a:vllm/benchmarks/serve.py, ``calculate_metrics``).
+- **TPOT** (time per output token) is the engines' own, `RequestResult.tpot_ms`: (end-to-end
+  − TTFT) / (output tokens − 1), vLLM's benchmark definition (`kvqueue.gpu.latency.tpot_ms`).
 - A request **meets the SLO** when it completed with TTFT ≤ ``ttft_ms`` and TPOT ≤
-  ``tpot_ms``; a rejected or failed request never does.
+  ``tpot_ms``; a request without a TPOT (a one-token answer) meets the TPOT part, as in
+  vLLM's goodput, which counts its TPOT as 0. A rejected or failed request never meets it.
 - **SLO attainment** = requests meeting the SLO / requests sent (DistServe, Zhong et al.,
   OSDI 2024, §2).
 - **Goodput** = requests meeting the SLO per second, over the run's makespan (first
@@ -29,7 +29,7 @@ from typing import Any
 
 from kvqueue.errors import ConfigError
 from kvqueue.gpu.results import RequestResult, RequestStatus
-from kvqueue.report.metrics import latency_stats, makespan_ms, ratio
+from kvqueue.report.metrics import makespan_ms, ratio
 
 DEFAULT_ATTAINMENT = 0.9  # DistServe (Zhong et al., OSDI 2024), abstract: "> 90% of requests"
 
@@ -60,26 +60,17 @@ class Slo:
         return {"ttft_ms": self.ttft_ms, "tpot_ms": self.tpot_ms, "attainment": self.attainment}
 
 
-def request_tpot_ms(result: RequestResult) -> float:
-    """TPOT of one result as vLLM's benchmark defines it (module docstring); 0 if ≤ 1 token."""
-    if result.decode_tokens <= 1:
-        return 0.0
-    return (result.e2e_ms - result.ttft_ms) / (result.decode_tokens - 1)
-
-
 def meets_slo(result: RequestResult, slo: Slo) -> bool:
     return (
         result.status == RequestStatus.COMPLETED
         and result.ttft_ms <= slo.ttft_ms
-        and request_tpot_ms(result) <= slo.tpot_ms
+        and (result.tpot_ms is None or result.tpot_ms <= slo.tpot_ms)
     )
 
 
 def slo_summary(results: Sequence[RequestResult], slo: Slo) -> dict[str, Any]:
-    """``{num_meeting_slo, attainment, goodput_rps, tpot_ms}`` of one run (module docstring).
-
-    `tpot_ms` is {mean, p50, p90, p99} over completed requests. None where nothing is measured.
-    """
+    """``{num_meeting_slo, attainment, goodput_rps}`` of one run (module docstring); None
+    where nothing is measured."""
     done = [r for r in results if r.status == RequestStatus.COMPLETED]
     meeting = sum(meets_slo(r, slo) for r in results)
     span_s = makespan_ms(done) / 1000.0
@@ -87,7 +78,6 @@ def slo_summary(results: Sequence[RequestResult], slo: Slo) -> dict[str, Any]:
         "num_meeting_slo": meeting,
         "attainment": ratio(meeting, len(results)),
         "goodput_rps": ratio(meeting, span_s),
-        "tpot_ms": latency_stats([request_tpot_ms(r) for r in done]),
     }
 
 

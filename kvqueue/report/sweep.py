@@ -45,7 +45,7 @@ from kvqueue.gpu.results import RequestStatus
 from kvqueue.report.capacity import MEASURED, LoadVerdict
 from kvqueue.report.metrics import ideal_hit_rate
 from kvqueue.report.recommend import recommendation
-from kvqueue.report.slo import Slo, highest_rate_sustained, request_tpot_ms
+from kvqueue.report.slo import Slo, highest_rate_sustained
 from kvqueue.report.sweep_cell import simulate_with
 from kvqueue.report.sweep_spec import Cell, SweepSpec
 
@@ -128,7 +128,8 @@ def idle_latencies(
     sample: int = IDLE_SAMPLE,
 ) -> tuple[list[float], list[float]]:
     """TTFT and TPOT (ms) of up to `sample` requests, evenly spread over the workload, each
-    served alone on one idle GPU of the spec's engine. Rejected requests are left out."""
+    served alone on one idle GPU of the spec's engine. Rejected requests are left out, and a
+    one-token answer has no TPOT (`kvqueue.gpu.latency.tpot_ms`)."""
     step = max(1, len(requests) // sample)
     ttfts: list[float] = []
     tpots: list[float] = []
@@ -136,7 +137,8 @@ def idle_latencies(
         (result,) = simulate_with(spec, [replace(request, arrival_ms=0.0)], strategy, 1, oracle)
         if result.status == RequestStatus.COMPLETED:
             ttfts.append(result.ttft_ms)
-            tpots.append(request_tpot_ms(result))
+            if result.tpot_ms is not None:
+                tpots.append(result.tpot_ms)
     return ttfts, tpots
 
 

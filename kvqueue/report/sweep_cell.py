@@ -30,7 +30,7 @@ from kvqueue.gpu.request import Request
 from kvqueue.gpu.results import RequestResult, RequestStatus
 from kvqueue.report.capacity import busy_ms, capacity_from_busy_time, offered_rate_rps
 from kvqueue.report.metrics import summarize
-from kvqueue.report.slo import Slo, request_tpot_ms, slo_summary
+from kvqueue.report.slo import Slo, slo_summary
 from kvqueue.report.sweep_spec import Cell, SweepSpec
 from kvqueue.sim.simulation import simulate, worker_names
 from kvqueue.workloads.arrivals import retime
@@ -72,7 +72,7 @@ def cell_metrics(cell: Cell, results: Sequence[RequestResult], slo: Slo) -> dict
         "failed": summary["failed"],
         "hit_rate": summary["hit_rate"],
         "ttft_ms": summary["ttft_ms"],
-        "tpot_ms": slo_part["tpot_ms"],
+        "tpot_ms": summary["tpot_ms"],
         "e2e_ms": summary["e2e_ms"],
         "throughput_rps": summary["throughput_rps"],
         "goodput_rps": slo_part["goodput_rps"],
@@ -82,7 +82,7 @@ def cell_metrics(cell: Cell, results: Sequence[RequestResult], slo: Slo) -> dict
         "capacity_estimate_rps": capacity_from_busy_time(len(done), total_busy, cell.num_workers),
         "per_worker_requests": [row["requests"] for row in summary["per_worker"].values()],
         "ttft_quantiles": quantiles([r.ttft_ms for r in done]),
-        "tpot_quantiles": quantiles([request_tpot_ms(r) for r in done]),
+        "tpot_quantiles": quantiles([r.tpot_ms for r in done if r.tpot_ms is not None]),
     }
 
 

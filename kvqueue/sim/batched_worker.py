@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from kvqueue.errors import KVQueueError, RequestRejected
 from kvqueue.gpu.batched_gpu import BatchedGpu
 from kvqueue.gpu.engine_stats import EngineStats
+from kvqueue.gpu.latency import tpot_ms
 from kvqueue.gpu.load_signals import LoadSignals
 from kvqueue.gpu.results import RequestStatus
 from kvqueue.gpu.scheduler import DecodeRun, EngineRequest, ScheduledStep, StepOutcome
@@ -291,7 +292,7 @@ class BatchedWorker:
             decode_source=request.decode_source,
             evictions=request.table.num_evicted,
             cache_used_blocks=timing.cache_used_blocks,
-            tpot_ms=(now - timing.first_token_ms) / (outputs - 1) if outputs > 1 else None,
+            tpot_ms=tpot_ms(ttft, e2e, outputs),
             preemptions=request.num_preemptions,
         )
 

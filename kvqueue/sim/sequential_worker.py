@@ -14,7 +14,7 @@ from collections import deque
 
 from kvqueue.errors import KVQueueError, RequestRejected
 from kvqueue.gpu.engine_stats import EngineStats
-from kvqueue.gpu.latency import end_to_end_ms, ttft_ms
+from kvqueue.gpu.latency import end_to_end_ms, tpot_ms, ttft_ms
 from kvqueue.gpu.load_signals import LoadSignals
 from kvqueue.gpu.results import RequestStatus
 from kvqueue.gpu.simulated_gpu import Execution, SimulatedGpu
@@ -69,6 +69,7 @@ class SequentialWorker:
         self._apply_events()
         queue_wait = self.start_ms - item.request.arrival_ms
         ttft = ttft_ms(queue_wait, execution.prefill_ms)
+        e2e = end_to_end_ms(ttft, execution.decode_ms)
         self.host.record(
             item,
             self.name,
@@ -80,13 +81,13 @@ class SequentialWorker:
             prefill_ms=execution.prefill_ms,
             decode_ms=execution.decode_ms,
             ttft_ms=ttft,
-            e2e_ms=end_to_end_ms(ttft, execution.decode_ms),
+            e2e_ms=e2e,
             hit_blocks=execution.allocation.num_hit_blocks,
             decode_tokens=execution.decode_tokens,
             decode_source=execution.decode_source,
             evictions=execution.allocation.num_evicted,
             cache_used_blocks=self.cache_used_blocks,
-            tpot_ms=execution.tpot_ms,
+            tpot_ms=tpot_ms(ttft, e2e, execution.decode_tokens),
         )
         stats = self.stats
         stats.record_gap_series(
