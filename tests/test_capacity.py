@@ -1,4 +1,5 @@
-"""Capacity and overload: busy time, the two capacity figures, and the verdict on real runs."""
+"""Capacity and overload: busy time, saturating bursts, and the verdict on real runs of both
+engines."""
 
 from __future__ import annotations
 
@@ -7,24 +8,38 @@ import math
 import numpy as np
 import pytest
 
+from kvqueue.gpu.engines import EngineConfig
 from kvqueue.gpu.results import RequestResult, RequestStatus
 from kvqueue.report.capacity import (
     ESTIMATED,
     MEASURED,
+    SATURATION_DEPTH,
     LoadVerdict,
     busy_ms,
     capacity_from_busy_time,
     offered_rate_rps,
     overload_line,
     run_capacity_rps,
+    saturate,
     saturated_throughput_rps,
 )
+from kvqueue.report.comparison import simulate_comparison
 from kvqueue.report.dashboard import build_dashboard, format_table, load_verdicts
+from kvqueue.report.metrics import ideal_hit_rate
 from kvqueue.report.run_report import run_conclusion
 from kvqueue.report.units import format_rate
+from kvqueue.sim.parallel import run_strategies
 from kvqueue.sim.simulation import simulate, worker_names
 from kvqueue.workloads.arrivals import retime
+from kvqueue.workloads.rekey import isolated, repeated
 from kvqueue.workloads.synthetic import make_workload
+
+BATCHED = EngineConfig("batched", "calibrated")
+
+
+def bursts(num_workers: int, engine: EngineConfig | None = None):  # type: ignore[no-untyped-def]
+    """A `saturate` burst runner: each strategy on `num_workers` fresh simulated GPUs."""
+    return lambda burst, names: run_strategies(burst, names, num_workers, engine=engine)
 
 
 def span(worker: str, start: float, finish: float) -> RequestResult:
@@ -127,3 +142,59 @@ def test_a_simulated_run_is_marked_overloaded_exactly_when_offered_more_than_it_
         assert conclusion.startswith(f"Overload: {format_rate(rate)} req/s offered")
     else:
         assert conclusion.startswith(f"No run was overloaded (offered load {utilization:.2f}")
+
+
+def test_repeated_copies_keep_the_workloads_sharing_and_share_nothing_with_each_other() -> None:
+    workload = make_workload("shared-prefix-tiny", seed=4)
+    copies = repeated(workload, 3)
+    assert len(copies) == 3 * len(workload) and copies[: len(workload)] == workload
+    assert len({r.request_id for r in copies}) == len(copies)
+    assert ideal_hit_rate(copies) == ideal_hit_rate(workload) > 0.5
+    assert ideal_hit_rate(isolated(workload)) == 0.0
+
+
+def test_one_burst_of_a_small_workload_understates_a_batching_engines_capacity() -> None:
+    workload = make_workload("shared-prefix-small", seed=0)
+    (once,) = run_strategies(retime(workload, "asap"), ["round_robin"], 4, engine=BATCHED).values()
+    (deep,) = saturate(workload, ["round_robin"], 4, bursts(4, BATCHED)).values()
+    assert deep.copies > 1 and deep.saturated and deep.depth >= SATURATION_DEPTH
+    # 16 requests per GPU run as one batch: the GPUs idle through ramp-up and drain.
+    assert deep.capacity_rps > 1.3 * saturated_throughput_rps(once.results)
+    twice = retime(repeated(workload, 2 * deep.copies), "asap")
+    (run,) = run_strategies(twice, ["round_robin"], 4, engine=BATCHED).values()
+    assert saturated_throughput_rps(run.results) == pytest.approx(deep.capacity_rps, rel=0.05)
+
+
+def test_on_the_sequential_engine_one_burst_of_a_workload_is_deep_enough() -> None:
+    workload = make_workload("no-sharing", 48, seed=1)
+    (found,) = saturate(workload, ["round_robin"], 3, bursts(3)).values()
+    assert (found.copies, found.depth, found.saturated) == (1, 16.0, True)
+
+
+def test_a_batching_engines_busy_time_estimates_nothing() -> None:
+    requests = retime(make_workload("no-sharing", 16, seed=1), "poisson", 2.0, seed=1)
+    results = simulate(requests, "round_robin", 2, engine=BATCHED)
+    assert run_capacity_rps(results, 2, "sequential") is not None
+    assert run_capacity_rps(results, 2, "batched") is None
+
+
+def test_a_burst_each_gpu_runs_at_once_does_not_overload_a_batching_engine() -> None:
+    assert not LoadVerdict(math.inf, 50.0, MEASURED, 64, 4, concurrency=30.0).overloaded
+    assert LoadVerdict(math.inf, 50.0, MEASURED, 160, 4, concurrency=30.0).overloaded
+
+
+@pytest.mark.parametrize(("fraction", "overloaded"), [(0.6, False), (1.5, True)])
+def test_a_batched_simulation_is_judged_against_its_measured_capacity(
+    fraction: float, overloaded: bool
+) -> None:
+    workload = make_workload("shared-prefix-small", seed=0)
+    (found,) = saturate(workload, ["round_robin"], 4, bursts(4, BATCHED)).values()
+    rate = fraction * found.capacity_rps
+    timed = retime(workload, "poisson", rate, seed=0)
+    meta = {"arrivals": "poisson", "rate_rps": rate}
+    dashboard = simulate_comparison(timed, ["round_robin"], 4, engine=BATCHED, meta=meta).dashboard
+    verdict = load_verdicts(dashboard)["round_robin"]
+    assert (verdict.basis, verdict.capacity_rps) == (MEASURED, found.capacity_rps)
+    assert verdict.overloaded is overloaded and verdict.load == pytest.approx(fraction)
+    assert dashboard["meta"]["capacity"]["round_robin"]["copies"] == found.copies
+    assert "measured by a saturating burst" in format_table(dashboard)

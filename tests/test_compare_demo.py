@@ -158,6 +158,12 @@ def test_demo_small_on_embedded_redis(tmp_path: Path) -> None:
     assert orjson.loads((out / DASHBOARD_FILE).read_bytes()) == dashboard
     for name in (*PLOT_FILES, REPORT_FILE, "results_cache_aware.jsonl"):
         assert (out / name).stat().st_size > 0, name
+    # Live workers report results only; their engines' work is rebuilt from them.
+    for name, summary in dashboard["strategies"].items():
+        assert summary["engine"]["kv_usage"]["max"] > 0, name
+        assert summary["tpot_ms"]["p50"] > 0, name
+        assert summary["load"]["capacity_basis"] == "estimated", name
+    assert "<h2>Engines</h2>" in (out / REPORT_FILE).read_text()
     # Progress during each strategy's run, as whole lines in a log (stderr is not a terminal).
     for strategy in dashboard["strategies"]:
         assert f"{strategy} done: 32/32 (100%)" in stderr.splitlines(), strategy

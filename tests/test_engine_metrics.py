@@ -11,7 +11,13 @@ from kvqueue.gpu.engines import EngineConfig
 from kvqueue.gpu.presets import get_preset
 from kvqueue.report.comparison import compare
 from kvqueue.report.dashboard import format_engine_table
-from kvqueue.report.engine_metrics import inter_token_gaps, summarize_engines, weighted_stats
+from kvqueue.report.engine_metrics import (
+    inter_token_gaps,
+    sequential_stats,
+    summarize_engines,
+    weighted_stats,
+)
+from kvqueue.sim.simulation import simulate_run
 from kvqueue.workloads.arrivals import retime
 from kvqueue.workloads.synthetic import make_workload
 
@@ -80,3 +86,17 @@ def test_simulated_dashboards_carry_engine_metrics_beside_the_existing_fields(en
     assert 0 < metrics["kv_usage"]["max"] <= 1
     assert metrics["itl_ms"]["p99"] >= metrics["itl_ms"]["p50"] > 0
     assert "cache_aware" in (format_engine_table(dashboard) or "")
+
+
+def test_a_live_runs_engine_statistics_rebuilt_from_results_are_what_the_simulator_records():
+    # Live workers run the sequential engine and report results only; one request at a time,
+    # the results say every step and every block pinned, so the rebuild must match exactly.
+    requests = retime(make_workload("shared-prefix-tiny", seed=5), "poisson", 20.0, seed=5)
+    run = simulate_run(requests, "cache_aware", num_workers=2)
+    rebuilt = summarize_engines(sequential_stats(run.results))
+    recorded = summarize_engines(run.engine_stats)
+    assert rebuilt is not None and recorded is not None
+    assert rebuilt["kv_usage"] == recorded["kv_usage"] and recorded["kv_usage"]["max"] > 0
+    for key in ("num_steps", "mean_batch_size", "busy_fraction", "preemptions"):
+        assert rebuilt[key] == pytest.approx(recorded[key]), key
+    assert rebuilt["itl_ms"]["p50"] is None  # per-step gaps are not in the results

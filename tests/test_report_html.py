@@ -24,7 +24,9 @@ import pytest
 from kvqueue.cli import main
 from kvqueue.report.html import REPORT_FILE
 from kvqueue.report.plots import PLOT_FILES
-from kvqueue.report.sweep_plots import GOODPUT_FILE
+from kvqueue.report.sweep_plots import GOODPUT_FILE, KV_USAGE_FILE
+
+SWEEP_PLOTS = 8
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 PROBE = """<script>
@@ -49,20 +51,30 @@ window.addEventListener("load", function () {
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """report.html of a simulate run and of a sweep, each with its plots."""
+    """report.html of simulate runs on either engine and of a sweep (the batched engine, its
+    default), each with its plots."""
     root = tmp_path_factory.mktemp("reports")
     tiny = ["--workload", "shared-prefix-tiny", "--json"]
     assert main(["simulate", *tiny, "--out", str(root / "simulate")]) == 0
+    batched = ["--engine", "batched", "--latency", "calibrated"]
+    assert main(["simulate", *tiny, *batched, "--out", str(root / "simulate-batched")]) == 0
     sweep = ["--rates", "1,2,8", "--strategies", "round_robin,cache_aware"]
     assert main(["sweep", *tiny, *sweep, "--out", str(root / "sweep")]) == 0
-    return {"simulate": root / "simulate" / REPORT_FILE, "sweep": root / "sweep" / REPORT_FILE}
+    return {kind: root / kind / REPORT_FILE for kind in ("simulate", "simulate-batched", "sweep")}
 
 
 def images_of(document: str) -> list[str]:
     return re.findall(r'<img src="([^"]*)"', document)
 
 
-@pytest.mark.parametrize(("kind", "num_images"), [("simulate", len(PLOT_FILES)), ("sweep", 7)])
+KINDS = [
+    ("simulate", len(PLOT_FILES)),
+    ("simulate-batched", len(PLOT_FILES)),
+    ("sweep", SWEEP_PLOTS),
+]
+
+
+@pytest.mark.parametrize(("kind", "num_images"), KINDS)
 def test_the_report_embeds_every_plot_and_refers_to_nothing_outside_itself(
     reports: dict[str, Path], kind: str, num_images: int
 ) -> None:
@@ -75,23 +87,40 @@ def test_the_report_embeds_every_plot_and_refers_to_nothing_outside_itself(
         assert outside not in without_images, outside
 
 
+def conclusion_of(document: str) -> str:
+    return html.unescape(document.split("<h2>Conclusion</h2>", 1)[1].split("<h2>", 1)[0])
+
+
 def test_the_conclusion_comes_first_and_names_the_overload(reports: dict[str, Path]) -> None:
     document = reports["simulate"].read_text()
     headings = re.findall(r"<h2>([^<]*)</h2>", document)
-    assert headings == ["Conclusion", "Settings", "Strategies", "Plots"]
-    conclusion = document.split("<h2>Conclusion</h2>", 1)[1].split("<h2>", 1)[0]
-    # The default simulate workload arrives all at once: queueing decides its latencies.
-    assert "Overload: all 16 requests arrive at once" in html.unescape(conclusion)
+    assert headings == ["Conclusion", "Settings", "Strategies", "Engines", "Plots"]
+    # The default simulate workload arrives all at once: one request at a time, queueing
+    # decides its latencies.
+    assert "Overload: all 16 requests arrive at once" in conclusion_of(document)
+    assert "sequential engine (one request at a time per GPU, FIFO)" in html.unescape(document)
+
+
+def test_a_batched_report_judges_the_burst_by_what_each_gpu_runs_at_once(
+    reports: dict[str, Path],
+) -> None:
+    document = reports["simulate-batched"].read_text()
+    # Four requests per GPU run in one batch: no backlog, so no overload line.
+    assert "No run was overloaded" in conclusion_of(document)
+    text = html.unescape(document)
+    assert "batched engine (continuous batching with vLLM's scheduling" in text
+    assert "calibrated step-time model of llama-2-13b@a100-40gb" in text
+    assert "measured by a saturating burst" in text
 
 
 def test_the_sweep_report_says_which_engine_model_was_used(reports: dict[str, Path]) -> None:
     document = html.unescape(reports["sweep"].read_text())
     assert "model used" in document
-    assert "sequential engine (one request at a time per GPU, FIFO), seed latency profile" in (
-        document
-    )
+    assert "batched engine (continuous batching with vLLM's scheduling" in document
+    assert "calibrated latency profile" in document
     assert document.index("Conclusion") < document.index("Highest rate sustained")
-    assert (reports["sweep"].parent / GOODPUT_FILE).is_file()
+    for name in (GOODPUT_FILE, KV_USAGE_FILE):
+        assert (reports["sweep"].parent / name).is_file()
 
 
 # -- in a real browser -------------------------------------------------------------------------
@@ -127,7 +156,7 @@ def render(page: Path, profile: Path) -> dict:
     return orjson.loads(html.unescape(found.group(1)))
 
 
-@pytest.mark.parametrize(("kind", "num_images"), [("simulate", len(PLOT_FILES)), ("sweep", 7)])
+@pytest.mark.parametrize(("kind", "num_images"), KINDS)
 def test_a_headless_browser_loads_every_image_without_a_script_error(
     reports: dict[str, Path], tmp_path: Path, kind: str, num_images: int
 ) -> None:

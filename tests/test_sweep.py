@@ -11,11 +11,12 @@ import pytest
 
 from kvqueue.cli import main
 from kvqueue.gpu.latency import LatencyModel
+from kvqueue.report.capacity import SATURATION_DEPTH
 from kvqueue.report.dashboard import DASHBOARD_FILE
 from kvqueue.report.html import REPORT_FILE
 from kvqueue.report.recommend import recommendation
 from kvqueue.report.sweep import DEFAULT_RATE_FRACTIONS, round_significant
-from kvqueue.report.sweep_plots import GOODPUT_FILE, P99_FILE, TRADEOFF_FILE
+from kvqueue.report.sweep_plots import GOODPUT_FILE, KV_USAGE_FILE, P99_FILE, TRADEOFF_FILE
 from kvqueue.workloads.synthetic import SHARED_PREFIX_PRESETS
 
 STRATEGIES = ["round_robin", "cache_aware", "predictive"]
@@ -28,21 +29,8 @@ def sweep(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str
     return code, result, captured.err
 
 
-def test_sweep_prints_each_policys_highest_sustained_rate_and_writes_the_report(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = tmp_path / "sweep"
-    code, result, _ = sweep(
-        capsys, "--workload", "shared-prefix-tiny", "--rates", "1,2,4,16",
-        "--strategies", ",".join(STRATEGIES), "--slo-ttft", "2000", "--json", "--out", str(out),
-    )  # fmt: skip
-    assert code == 0
-    assert [(r["strategy"], r["num_workers"]) for r in result["sustained"]] == [
-        (s, 4) for s in STRATEGIES
-    ]
-    assert result["meta"]["slo"]["ttft_ms"] == 2000.0
-    assert result["meta"]["engine"] == {"engine": "sequential", "latency": "seed"}
-    assert len(result["cells"]) == 3 * 4
+def check_answers(result: dict[str, Any]) -> None:
+    """What every sweep result must satisfy, whatever its engine."""
     for cell in result["cells"]:
         assert 0.0 <= cell["attainment"] <= 1.0
         assert cell["goodput_rps"] <= cell["throughput_rps"] + 1e-9
@@ -53,15 +41,62 @@ def test_sweep_prints_each_policys_highest_sustained_rate_and_writes_the_report(
         assert all(
             c["attainment"] >= 0.9 and not c["overloaded"] for c in own if c["rate_rps"] in met
         )
+    for row in result["capacity"]:
+        assert row["saturated"] and row["depth"] >= SATURATION_DEPTH
+
+
+def test_sweep_runs_the_batched_engine_by_default_and_says_so_everywhere(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sweep"
+    code, result, _ = sweep(
+        capsys, "--workload", "shared-prefix-tiny", "--rates", "50,150,300",
+        "--strategies", ",".join(STRATEGIES), "--slo-ttft", "2000", "--json", "--out", str(out),
+    )  # fmt: skip
+    assert code == 0
+    assert [(r["strategy"], r["num_workers"]) for r in result["sustained"]] == [
+        (s, 4) for s in STRATEGIES
+    ]
+    assert result["meta"]["slo"]["ttft_ms"] == 2000.0
+    meta = result["meta"]
+    assert (meta["engine"], meta["latency_profile"]) == ("batched", "calibrated")
+    assert (meta["max_num_batched_tokens"], meta["max_num_seqs"]) == (2048, 256)  # A100
+    assert len(result["cells"]) == 3 * 3
+    check_answers(result)
+    capacity = {row["strategy"]: row for row in result["capacity"]}
+    # Batching: a 16-request workload is repeated until each GPU queues many batches.
+    assert all(row["copies"] > 1 and row["mean_batch_size"] > 1 for row in capacity.values())
+    # Shared prefixes let more requests share a GPU's KV cache: affinity raises capacity.
+    assert capacity["cache_aware"]["measured_rps"] > 1.5 * capacity["round_robin"]["measured_rps"]
+    rates = {r["strategy"]: r["rate_rps"] for r in result["sustained"]}
+    assert rates["round_robin"] < rates["cache_aware"]
+    assert "(batched engine, calibrated latency)" in result["recommendation"][0]
+    assert orjson.loads((out / DASHBOARD_FILE).read_bytes()) == result
+    for name in (REPORT_FILE, GOODPUT_FILE, P99_FILE, TRADEOFF_FILE, KV_USAGE_FILE):
+        assert (out / name).stat().st_size > 0, name
+    report = (out / REPORT_FILE).read_text()
+    assert "batched engine (continuous batching with vLLM&#x27;s scheduling" in report
+    assert "calibrated step-time model" in report
+
+
+def test_sweep_on_the_sequential_engine_finds_its_lower_capacity(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, result, _ = sweep(
+        capsys, "--workload", "shared-prefix-tiny", "--rates", "1,2,4,16",
+        "--strategies", ",".join(STRATEGIES), "--slo-ttft", "2000", "--engine", "sequential",
+        "--latency", "seed", "--json", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert code == 0
+    assert (result["meta"]["engine"], result["meta"]["latency_profile"]) == ("sequential", "seed")
+    check_answers(result)
+    assert all(row["mean_batch_size"] == 1 for row in result["capacity"])  # one at a time
     # 16 req/s is far beyond what 4 GPUs serving one request at a time can take.
     assert all(c["overloaded"] for c in result["cells"] if c["rate_rps"] == 16)
     assert all(r["rate_rps"] is None or r["rate_rps"] < 16 for r in result["sustained"])
     assert result["recommendation"][0].startswith("On shared-prefix-tiny with 4 × llama-2-13b")
     assert "(sequential engine, seed latency)" in result["recommendation"][0]
-    assert orjson.loads((out / DASHBOARD_FILE).read_bytes()) == result
-    for name in (REPORT_FILE, GOODPUT_FILE, P99_FILE, TRADEOFF_FILE):
-        assert (out / name).stat().st_size > 0, name
-    report = (out / REPORT_FILE).read_text()
+    report = (tmp_path / REPORT_FILE).read_text()
     assert "sequential engine (one request at a time per GPU, FIFO)" in report
 
 
@@ -70,7 +105,7 @@ def test_the_default_slo_is_sized_from_requests_served_on_an_idle_gpu(
 ) -> None:
     code, result, err = sweep(
         capsys, "--workload", "shared-prefix-tiny", "--rates", "1", "--strategies", "round_robin",
-        "--json", "--out", str(tmp_path),
+        "--engine", "sequential", "--latency", "seed", "--json", "--out", str(tmp_path),
     )  # fmt: skip
     assert code == 0
     tiny = SHARED_PREFIX_PRESETS["shared-prefix-tiny"]
@@ -107,7 +142,8 @@ def test_a_target_rate_finds_the_fewest_gpus_that_serve_it(
     code, result, _ = sweep(
         capsys, "--workload", "no-sharing", "--num-requests", "48", "--strategies", "round_robin",
         "--rates", "0.5", "--workers", "1", "--target-rate", "3", "--target-workers", "1,2,3,4",
-        "--slo-ttft", "5000", "--slo-tpot", "50", "--json", "--out", str(tmp_path),
+        "--slo-ttft", "5000", "--slo-tpot", "50", "--engine", "sequential", "--latency", "seed",
+        "--json", "--out", str(tmp_path),
     )  # fmt: skip
     assert code == 0
     at_target = {
@@ -138,8 +174,7 @@ def test_cells_give_the_same_numbers_in_one_process_or_several(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--engine", "warp"], "engine 'warp' is not available in this build; valid: sequential"),
-        (["--latency", "turbo"], "latency profile 'turbo' is not available"),
+        (["--max-num-seqs", "0"], "max_num_seqs must be positive, got 0"),
         (["--rate", "3"], "a sweep sets the arrival rate itself: give --rates, not --rate"),
         (["--rates", "2,0"], "rates must be positive numbers of requests/s, got 0.0"),
         (["--rates", "two"], "--rates must be comma-separated numbers, got 'two'"),
@@ -170,7 +205,8 @@ def hand_made(
         "meta": {
             "workload": "w",
             "preset": "p",
-            "engine": {"engine": "sequential", "latency": "seed"},
+            "engine": "sequential",
+            "latency_profile": "seed",
             "strategies": list(rates),
             "workers": [4],
         },

@@ -22,8 +22,8 @@ from kvqueue.config import Settings
 from kvqueue.errors import KVQueueError
 from kvqueue.gpu.oracle import make_oracle
 from kvqueue.progress import progress_reporter
+from kvqueue.report.comparison import simulate_comparison
 from kvqueue.report.dashboard import (
-    build_dashboard,
     format_engine_table,
     format_table,
     results_path,
@@ -32,7 +32,7 @@ from kvqueue.report.dashboard import (
 from kvqueue.report.plots import write_plots
 from kvqueue.report.run_report import write_run_report
 from kvqueue.routing.policies.base import policy_names
-from kvqueue.sim.parallel import check_strategies, default_jobs, run_strategies
+from kvqueue.sim.parallel import check_strategies, default_jobs
 from kvqueue.sim.simulation import DEFAULT_STRATEGIES, worker_names
 from kvqueue.workloads.fit_advice import unfit_warning
 from kvqueue.workloads.options import add_workload_arguments, build_requests
@@ -106,10 +106,26 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvqueue simulate: {warning}", file=sys.stderr)
 
     engine = settings.engine_config()
+    meta.update(
+        {
+            "mode": "simulated",
+            "max_context_tokens": preset.max_context_tokens,
+            "latency": {
+                "prefill_base_ms": settings.prefill_base_ms,
+                "prefill_per_block_ms": settings.prefill_per_block_ms,
+                "decode_per_token_ms": settings.decode_per_token_ms,
+            },
+            "pending_ttl_s": settings.pending_ttl_s,
+            "hash_seed": settings.hash_seed,
+            "decode_model": settings.decode_model,
+            "fit": fit.to_dict(),
+            "jobs": jobs,
+        }
+    )
     clock = time.perf_counter()
     total = len(requests) * len(strategies)
     with progress_reporter(total, "simulating", enabled=not args.json) as progress:
-        runs = run_strategies(
+        simulated = simulate_comparison(
             requests,
             strategies,
             len(workers),
@@ -118,37 +134,15 @@ def run(args: argparse.Namespace) -> int:
             oracle=make_oracle(settings.decode_model),
             run_id=run_id,
             pending_ttl_ms=settings.pending_ttl_s * 1000.0,
-            progress=progress,
+            meta=meta,
             jobs=jobs,
             engine=engine,
+            progress=progress,
+            status=None if args.json else lambda text: print(text, file=sys.stderr),
         )
     elapsed = time.perf_counter() - clock
-    results = {name: run.results for name, run in runs.items()}
-
-    meta.update(
-        {
-            "mode": "simulated",
-            "run_id": run_id,
-            "preset": preset.name,
-            "num_blocks": preset.num_blocks,
-            "max_context_tokens": preset.max_context_tokens,
-            "latency": {
-                "prefill_base_ms": settings.prefill_base_ms,
-                "prefill_per_block_ms": settings.prefill_per_block_ms,
-                "decode_per_token_ms": settings.decode_per_token_ms,
-            },
-            **engine.describe(preset),
-            "pending_ttl_s": settings.pending_ttl_s,
-            "hash_seed": settings.hash_seed,
-            "decode_model": settings.decode_model,
-            "fit": fit.to_dict(),
-            "jobs": jobs,
-            "wall_s": round(elapsed, 3),
-        }
-    )
-    dashboard = build_dashboard(
-        results, requests, workers, meta, {name: run.engine_stats for name, run in runs.items()}
-    )
+    dashboard, results = simulated.dashboard, simulated.results
+    dashboard["meta"]["wall_s"] = round(elapsed, 3)
     dashboard_file = write_run(out_dir, dashboard, results)
     plots = write_plots(out_dir, dashboard, results)
     report = write_run_report(out_dir, dashboard, plots)

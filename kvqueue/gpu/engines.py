@@ -8,8 +8,8 @@
 Either runs under either latency profile (`kvqueue.gpu.profiles`): ``seed`` (the default) or
 ``calibrated``. `EngineConfig` is the one record of these choices that the simulator, the
 evaluation, a sweep's cells (as JSON: `EngineConfig.to_dict`) and (through
-`kvqueue.config.Settings`) every command pass around; `engine_label` says in words which
-model a report used.
+`kvqueue.config.Settings`) every command pass around; `engine_label` and `latency_label` say
+in words which model a report used.
 """
 
 from __future__ import annotations
@@ -124,3 +124,20 @@ def engine_label(info: Mapping[str, Any]) -> str:
             "requests per step at most"
         )
     return f"{engine} engine ({summary}), {latency} latency profile"
+
+
+def latency_label(info: Mapping[str, Any]) -> str:
+    """In words, how a run's metadata says steps were priced: the calibrated model of its
+    preset, or the seed's constants (``info["latency"]``, `LatencyModel`'s fields)."""
+    if info.get("latency_profile") == "calibrated":
+        return (
+            f"calibrated step-time model of {info.get('preset')} "
+            "(kvqueue/gpu/data/latency_profiles.json; docs/latency.md)"
+        )
+    constants = {**asdict(LatencyModel()), **(info.get("latency") or {})}
+    per = " (per step on the batched engine)" if info.get("engine") == "batched" else ""
+    return (
+        f"seed constants: prefill {constants['prefill_base_ms']:g} + "
+        f"{constants['prefill_per_block_ms']:g} ms per uncached block, decode "
+        f"{constants['decode_per_token_ms']:g} ms per token{per}"
+    )

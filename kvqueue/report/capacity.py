@@ -1,40 +1,66 @@
 """What rate a cluster can take, and whether a run offered more: the overload verdict.
 
-Two capacity figures, both in completed requests per second of simulated time:
+Two capacity figures, both in completed requests per second of simulated time, one per kind
+of engine:
 
-- **measured** (`saturated_throughput_rps`): the throughput of a run whose requests all
-  arrive at once, so every worker has work until the backlog drains. The best figure, for
-  any engine; `kvqueue sweep` measures it per policy and cluster size.
-- **estimated** (`capacity_from_busy_time`): from any run's own results, ``n ×
-  completed / busy seconds``, where a worker is busy while at least one request is in
-  service on it. It equals ``throughput / utilization``: a run that keeps up with its
-  arrivals has utilization < 1, so the estimate is above the rate it was offered; a run that
-  falls behind keeps its workers busy (utilization → 1) and the estimate falls to the
-  throughput, below the offered rate. For the sequential engine (one request at a time) busy
-  time is the sum of service times, so the estimate is exactly ``workers / mean service
-  time`` at the hit rate the run achieved — and ``workers / mean cold service time`` (no
-  hits) is its lower bound. For a batching engine it is a lower bound that tightens as load
-  grows: a lone request occupies its GPU for its whole service time, though it could have
-  shared it. Both assume the load spread evenly over the workers; a policy that piles work
-  onto a few can queue on them below this rate.
+- **measured** (`saturate`, any engine; the one a batching engine has): the throughput of a
+  *saturating burst* — the workload's requests all arriving at once, under the policy being
+  measured (`saturated_throughput_rps`: completed / (last finish − first arrival)). A burst
+  saturates a GPU only if it queues many times what the GPU runs at once: a batching engine
+  runs dozens to hundreds of requests together, so a small workload sent once leaves it
+  half idle and understates its capacity by a third or more. `saturate` therefore repeats
+  the workload (`kvqueue.workloads.rekey.repeated`: each copy re-keyed, so copies share no
+  block and each keeps the workload's own sharing) until the burst is `SATURATION_DEPTH`
+  batches deep per GPU — depth = requests per worker / mean batch size of the run — which
+  bounds the ramp-up and drain at its ends to a few percent of the makespan; a burst that
+  reaches `MAX_BURST_REQUESTS` first is reported as not saturated (its figure is then a
+  lower bound). `kvqueue sweep` measures this per policy and cluster size for every engine,
+  `kvqueue simulate` for the batched engine.
+- **estimated** (`capacity_from_busy_time`, the sequential engine's): from a run's own
+  results, ``n × completed / busy seconds``, a worker being busy while a request is in
+  service on it. One request at a time, busy time is the sum of service times, so this is
+  exactly ``workers / mean service time`` at the hit rate the run achieved, with no extra
+  run (``workers / mean cold service time``, no hits, is its lower bound). It equals
+  ``throughput / utilization``: a run that keeps up has utilization < 1, so the estimate is
+  above the rate offered; one that falls behind keeps its workers busy and the estimate falls
+  to its throughput, below the offered rate. For a batching engine busy time says nothing
+  about capacity (one lone request keeps a GPU "busy" that could take dozens more), so a
+  batched run has no estimate, only a measurement (`run_capacity_rps`).
+
+Both assume the load spread evenly over the workers; a policy that piles work onto a few
+can queue on them below this rate.
 
 A run is **overloaded** when its offered rate exceeds the capacity, or when it is a burst
-(every request at once, more requests than workers): then queueing, not caching, decides its
-latencies, and `LoadVerdict.line` says so in one line with the rate the cluster can take.
+(every request at once) of more requests than the workers run at once — one each on the
+sequential engine, the mean batch of its saturating burst on a batching engine: then
+queueing, not caching, decides its latencies, and `LoadVerdict.line` says so in one line with
+the rate the cluster can take.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kvqueue.gpu.engine_stats import EngineStats
+from kvqueue.gpu.request import Request
 from kvqueue.gpu.results import RequestResult, RequestStatus
 from kvqueue.report.units import format_count, format_rate
+from kvqueue.sim.simulation import SimulationRun
+from kvqueue.workloads.arrivals import retime
+from kvqueue.workloads.rekey import repeated
 
-MEASURED = "measured"  # throughput of a saturating run
-ESTIMATED = "estimated"  # n × completed / busy time of the run itself
+MEASURED = "measured"  # throughput of a saturating burst
+ESTIMATED = "estimated"  # n × completed / busy time of the run itself (sequential engine)
+# Batches queued per GPU in a saturating burst (kvqueue's choice): the ramp-up and drain at
+# a burst's ends cost about half a batch's lifetime each, under ~5% of the makespan at 10.
+SATURATION_DEPTH = 10.0
+MAX_BURST_REQUESTS = 65_536  # a burst stops growing here, saturated or not
+MAX_GROWTH = 8  # a burst grows at most this many times over from one try to the next
+
+BurstRunner = Callable[[list[Request], list[str]], dict[str, SimulationRun]]
 
 
 def busy_ms(results: Iterable[RequestResult]) -> dict[str, float]:
@@ -71,8 +97,13 @@ def capacity_from_busy_time(
     return num_workers * num_completed * 1000.0 / total_busy_ms
 
 
-def run_capacity_rps(results: Sequence[RequestResult], num_workers: int) -> float | None:
-    """`capacity_from_busy_time` of one run's results."""
+def run_capacity_rps(
+    results: Sequence[RequestResult], num_workers: int, engine: str = "sequential"
+) -> float | None:
+    """`capacity_from_busy_time` of one run's results on the sequential engine; None on a
+    batching engine, whose capacity must be measured (module docstring)."""
+    if engine != "sequential":
+        return None
     busy = busy_ms(results)
     num_completed = sum(r.status == RequestStatus.COMPLETED for r in results)
     return capacity_from_busy_time(num_completed, sum(busy.values()), num_workers)
@@ -91,6 +122,85 @@ def saturated_throughput_rps(results: Sequence[RequestResult]) -> float | None:
     return len(done) * 1000.0 / span_ms if span_ms > 0 else None
 
 
+def mean_batch_size(stats: Iterable[EngineStats]) -> float:
+    """Requests per forward pass over every worker's steps (1 when none was recorded)."""
+    stats = list(stats)
+    steps = sum(s.num_steps for s in stats)
+    return sum(s.num_scheduled for s in stats) / steps if steps else 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Saturation:
+    """One policy's saturating burst: `copies` of the workload at once, and its run."""
+
+    run: SimulationRun
+    copies: int
+    num_workers: int
+
+    @property
+    def capacity_rps(self) -> float | None:
+        return saturated_throughput_rps(self.run.results)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.run.results)
+
+    @property
+    def depth(self) -> float:
+        """Batches queued per GPU: requests per worker / mean batch size."""
+        batch = mean_batch_size(self.run.engine_stats.values())
+        return self.num_requests / self.num_workers / batch
+
+    @property
+    def saturated(self) -> bool:
+        return self.depth >= SATURATION_DEPTH
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "capacity_rps": self.capacity_rps,
+            "copies": self.copies,
+            "num_requests": self.num_requests,
+            "depth": self.depth,
+            "saturated": self.saturated,
+        }
+
+
+def saturate(
+    requests: Sequence[Request],
+    strategies: Sequence[str],
+    num_workers: int,
+    run_burst: BurstRunner,
+) -> dict[str, Saturation]:
+    """Each strategy's saturating burst (module docstring), grown until it is deep enough.
+
+    ``run_burst(burst, strategies)`` simulates the burst (every request arriving at 0) under
+    each strategy on fresh workers and returns their runs. The first try sends the workload
+    once; a shallow burst is sent again with ``copies × ⌈SATURATION_DEPTH / depth⌉`` copies
+    (at most `MAX_GROWTH` times more), only for the strategies that still need it, until it
+    is deep enough, completes nothing, or would exceed `MAX_BURST_REQUESTS`.
+    """
+    if not requests:
+        raise ValueError("no requests to saturate the cluster with")
+    found: dict[str, Saturation] = {}
+    pending = list(strategies)
+    copies = 1
+    while pending:
+        burst = retime(repeated(requests, copies), "asap")
+        tried = {
+            name: Saturation(run, copies, num_workers)
+            for name, run in run_burst(burst, pending).items()
+        }
+        shallowest = min(s.depth for s in tried.values())
+        growth = min(MAX_GROWTH, max(2, math.ceil(SATURATION_DEPTH / shallowest)))
+        last_try = len(requests) * copies * growth > MAX_BURST_REQUESTS
+        for name, saturation in tried.items():
+            if saturation.saturated or saturation.capacity_rps is None or last_try:
+                found[name] = saturation
+        pending = [name for name in pending if name not in found]
+        copies *= growth
+    return {name: found[name] for name in strategies}
+
+
 def offered_rate_rps(arrivals_ms: Sequence[float], nominal_rps: float | None = None) -> float:
     """The rate a run offered: `nominal_rps` when known (Poisson arrivals), else
     ``(n − 1) / (last − first arrival)``; ``math.inf`` when every request arrives at once
@@ -105,13 +215,15 @@ def offered_rate_rps(arrivals_ms: Sequence[float], nominal_rps: float | None = N
 
 @dataclass(frozen=True, slots=True)
 class LoadVerdict:
-    """Offered rate against capacity. `offered_rps` is ``math.inf`` for a burst."""
+    """Offered rate against capacity. `offered_rps` is ``math.inf`` for a burst;
+    `concurrency` is how many requests a worker serves at once (module docstring)."""
 
     offered_rps: float
     capacity_rps: float | None
     basis: str  # MEASURED or ESTIMATED
     num_requests: int
     num_workers: int
+    concurrency: float = 1.0
 
     @property
     def burst(self) -> bool:
@@ -127,7 +239,7 @@ class LoadVerdict:
     @property
     def overloaded(self) -> bool:
         if self.burst:
-            return self.num_requests > self.num_workers
+            return self.num_requests > self.num_workers * self.concurrency
         return self.capacity_rps is not None and self.offered_rps > self.capacity_rps
 
     def line(self) -> str:
@@ -141,6 +253,7 @@ class LoadVerdict:
             "burst": self.burst,
             "capacity_rps": self.capacity_rps,
             "capacity_basis": self.basis,
+            "concurrency": self.concurrency,
             "load": self.load,
             "overloaded": self.overloaded,
         }

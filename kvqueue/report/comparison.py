@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,18 +12,27 @@ from kvqueue.gpu.latency import LatencyModel
 from kvqueue.gpu.oracle import DecodeLengthOracle
 from kvqueue.gpu.presets import Preset, get_preset
 from kvqueue.gpu.request import Request
+from kvqueue.gpu.results import RequestResult
 from kvqueue.live.comparison import Comparison
+from kvqueue.report.capacity import saturate
 from kvqueue.report.dashboard import build_dashboard, results_path, write_run
 from kvqueue.sim.parallel import run_strategies
 from kvqueue.sim.simulation import (
     DEFAULT_PENDING_TTL_MS,
     DEFAULT_RUN_ID,
     DEFAULT_STRATEGIES,
+    ProgressCallback,
     worker_names,
 )
 
 
-def compare(
+@dataclass(frozen=True, slots=True)
+class SimulatedComparison:
+    dashboard: dict[str, Any]
+    results: dict[str, list[RequestResult]]
+
+
+def simulate_comparison(
     requests: Sequence[Request],
     strategies: Sequence[str] = DEFAULT_STRATEGIES,
     num_workers: int = 4,
@@ -32,35 +41,61 @@ def compare(
     oracle: DecodeLengthOracle | None = None,
     run_id: str = DEFAULT_RUN_ID,
     pending_ttl_ms: float = DEFAULT_PENDING_TTL_MS,
-    meta: dict | None = None,
+    meta: Mapping[str, Any] | None = None,
     jobs: int = 1,
     engine: EngineConfig | None = None,
-) -> dict:
-    """Run every strategy (fresh state each) and return the dashboard dict (`build_dashboard`)."""
+    progress: ProgressCallback | None = None,
+    status: Callable[[str], None] | None = None,
+) -> SimulatedComparison:
+    """Run every strategy (fresh state each, `run_strategies`) and build the dashboard.
+
+    On a batching engine each strategy's capacity is then measured by its saturating burst
+    (`kvqueue.report.capacity.saturate`, recorded under ``meta.capacity``), since its own
+    busy time says nothing about it; `status` is told before that starts. On the sequential
+    engine the dashboard estimates capacity from busy time, with no extra run.
+    """
     preset = preset or get_preset()
     engine = engine or EngineConfig()
-    runs = run_strategies(
-        requests,
-        strategies,
-        num_workers,
-        preset,
-        latency,
-        oracle,
-        run_id,
-        pending_ttl_ms,
-        jobs=jobs,
-        engine=engine,
-    )
-    info = {"preset": preset.name, "num_blocks": preset.num_blocks, "run_id": run_id}
-    info.update(engine.describe(preset))
-    info.update(meta or {})
-    return build_dashboard(
-        {name: run.results for name, run in runs.items()},
+    options: dict[str, Any] = {
+        "preset": preset,
+        "latency": latency,
+        "oracle": oracle,
+        "run_id": run_id,
+        "pending_ttl_ms": pending_ttl_ms,
+        "jobs": jobs,
+        "engine": engine,
+    }
+    runs = run_strategies(requests, strategies, num_workers, progress=progress, **options)
+    info: dict[str, Any] = {"preset": preset.name, "num_blocks": preset.num_blocks}
+    info.update({"run_id": run_id, **engine.describe(preset), **(meta or {})})
+    capacity = None
+    if engine.is_batched:
+        if status is not None:
+            status("measuring each strategy's capacity with a saturating burst")
+        capacity = saturate(
+            requests,
+            strategies,
+            num_workers,
+            lambda burst, names: run_strategies(burst, names, num_workers, **options),
+        )
+        info["capacity"] = {name: s.to_dict() for name, s in capacity.items()}
+    results = {name: run.results for name, run in runs.items()}
+    dashboard = build_dashboard(
+        results,
         list(requests),
         worker_names(num_workers),
         info,
         {name: run.engine_stats for name, run in runs.items()},
+        capacity,
     )
+    return SimulatedComparison(dashboard, results)
+
+
+def compare(
+    requests: Sequence[Request], strategies: Sequence[str] = DEFAULT_STRATEGIES, **options: Any
+) -> dict[str, Any]:
+    """`simulate_comparison`'s dashboard (same keyword `options`)."""
+    return simulate_comparison(requests, strategies, **options).dashboard
 
 
 @dataclass(frozen=True, slots=True)

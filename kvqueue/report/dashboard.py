@@ -10,13 +10,15 @@ The same shape for simulated and live runs, so analysis scripts and plots read e
           "ideal_hit_rate": x,           #   the bound for *this* strategy's hit_rate
           "hit_rate_of_ideal": x,        #   hit_rate / ideal_hit_rate
           "load": {...},                 #   offered rate against capacity (below)
-          "engine": {...} | None,        #   kvqueue.report.engine_metrics (simulated runs)
+          "engine": {...} | None,        #   kvqueue.report.engine_metrics
           ...}}
     }
 
 ``load`` is `kvqueue.report.capacity.LoadVerdict.to_dict()`: the offered rate (the Poisson
-rate of the metadata, else from the arrival times; None for a burst), the capacity estimated
-from the strategy's own busy time, their ratio and whether the run was overloaded.
+rate of the metadata, else from the arrival times; None for a burst), the capacity — measured
+by a saturating burst where the caller measured one (`kvqueue simulate` does on the batched
+engine), else estimated from the strategy's own busy time on the sequential engine, else
+unknown (`kvqueue.report.capacity`) — their ratio and whether the run was overloaded.
 
 The ideal hit rate is an upper bound on every strategy's block hit rate: a worker only holds
 blocks stored by requests that arrived before (its queue is FIFO), and one infinite cache
@@ -39,16 +41,20 @@ from typing import Any
 import orjson
 
 from kvqueue.gpu.engine_stats import EngineStats
+from kvqueue.gpu.engines import DEFAULT_ENGINE
 from kvqueue.gpu.request import Request
 from kvqueue.gpu.results import RequestResult, RequestStatus
 from kvqueue.report.capacity import (
     ESTIMATED,
+    MEASURED,
     LoadVerdict,
+    Saturation,
+    mean_batch_size,
     offered_rate_rps,
     overload_line,
     run_capacity_rps,
 )
-from kvqueue.report.engine_metrics import summarize_engines
+from kvqueue.report.engine_metrics import sequential_stats, summarize_engines
 from kvqueue.report.metrics import ideal_hit_rate, ratio, summarize
 from kvqueue.report.table import Table
 from kvqueue.report.units import format_count, format_ms, format_share
@@ -71,23 +77,26 @@ def build_dashboard(
     workers: Sequence[str],
     meta: Mapping[str, Any] | None = None,
     engine_stats: Mapping[str, Mapping[str, EngineStats]] | None = None,
+    capacity: Mapping[str, Saturation] | None = None,
 ) -> dict[str, Any]:
     """Summaries of every strategy next to the ideal hit rate (shape in the module docstring).
 
     `requests` is the workload every strategy ran (for the ideal); `workers` lists every
     worker, so idle ones show up with zeros. Strategies keep the mapping's order.
-    `engine_stats` maps a strategy to its workers' `EngineStats` (None where not recorded).
+    `engine_stats` maps a strategy to its workers' `EngineStats` (None where not recorded);
+    `capacity` a strategy to its saturating burst, where measured.
     """
     served: set[str] = set()
     for results in results_by_strategy.values():
         served |= _completed_ids(results)
     ideal = _ideal_over(requests, served)
     offered = offered_rate_rps([r.arrival_ms for r in requests], nominal_rate_rps(meta or {}))
+    engine = str((meta or {}).get("engine") or DEFAULT_ENGINE)
     strategies: dict[str, Any] = {}
     for name, results in results_by_strategy.items():
         summary = summarize(list(results), workers)
-        summary["load"] = LoadVerdict(
-            offered, run_capacity_rps(results, len(workers)), ESTIMATED, len(requests), len(workers)
+        summary["load"] = _verdict(
+            results, (capacity or {}).get(name), offered, len(requests), len(workers), engine
         ).to_dict()
         own = _completed_ids(results)
         own_ideal = ideal if own == served else _ideal_over(requests, own)
@@ -96,7 +105,10 @@ def build_dashboard(
         summary["hit_rate_of_ideal"] = (
             ratio(hit_rate, own_ideal) if hit_rate is not None and own_ideal is not None else None
         )
-        summary["engine"] = summarize_engines((engine_stats or {}).get(name) or {})
+        recorded = (engine_stats or {}).get(name)
+        if not recorded and engine == "sequential":
+            recorded = sequential_stats(results)  # a live run: rebuilt from its results
+        summary["engine"] = summarize_engines(recorded or {})
         strategies[name] = summary
     info: dict[str, Any] = {
         "workers": list(workers),
@@ -110,6 +122,24 @@ def build_dashboard(
         "meta": info,
         "strategies": strategies,
     }
+
+
+def _verdict(
+    results: Sequence[RequestResult],
+    saturation: Saturation | None,
+    offered_rps: float,
+    num_requests: int,
+    num_workers: int,
+    engine: str,
+) -> LoadVerdict:
+    """The run against its measured capacity, else its busy-time estimate (module docstring)."""
+    if saturation is not None:
+        batch = mean_batch_size(saturation.run.engine_stats.values())
+        return LoadVerdict(
+            offered_rps, saturation.capacity_rps, MEASURED, num_requests, num_workers, batch
+        )
+    estimate = run_capacity_rps(results, num_workers, engine)
+    return LoadVerdict(offered_rps, estimate, ESTIMATED, num_requests, num_workers)
 
 
 def nominal_rate_rps(meta: Mapping[str, Any]) -> float | None:
@@ -135,6 +165,7 @@ def load_verdicts(dashboard: Mapping[str, Any]) -> dict[str, LoadVerdict]:
             load["capacity_basis"],
             int(meta.get("num_requests") or summary.get("num_results") or 0),
             int(meta.get("num_workers") or len(summary.get("per_worker") or ())),
+            load.get("concurrency", 1.0),
         )
     return verdicts
 
@@ -222,8 +253,12 @@ TABLE_COLUMNS = (
 )
 TABLE_NOTE = (
     "times in simulated ms (s where marked); imbalance = max/mean completed requests per "
-    "worker; load = offered rate / capacity estimated from busy time (! overloaded)"
+    "worker; load = offered rate / capacity {basis} (! overloaded)"
 )
+CAPACITY_BASIS = {
+    MEASURED: "measured by a saturating burst",
+    ESTIMATED: "estimated from busy time",
+}
 
 
 def dashboard_table(dashboard: Mapping[str, Any]) -> Table:
@@ -255,7 +290,9 @@ def dashboard_table(dashboard: Mapping[str, Any]) -> Table:
         if name in verdicts and verdicts[name].overloaded
     )
     overload = overload_line(list(verdicts.values()))
-    notes = (TABLE_NOTE, *([overload] if overload else []))
+    bases = sorted({CAPACITY_BASIS[v.basis] for v in verdicts.values() if v.capacity_rps})
+    basis = " or ".join(bases) or "unknown"
+    notes = (TABLE_NOTE.format(basis=basis), *([overload] if overload else []))
     return Table("Strategies", TABLE_COLUMNS, tuple(rows), notes, marked)
 
 

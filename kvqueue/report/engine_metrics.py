@@ -1,7 +1,10 @@
 """Engine-level metrics of one run (one strategy): what the workers' engines did, step by step.
 
-From each worker's `kvqueue.gpu.engine_stats.EngineStats` (the simulator records them; a live
-run has none), over all workers of the run:
+From each worker's `kvqueue.gpu.engine_stats.EngineStats`, over all workers of the run. The
+simulator records them; a live run's are rebuilt from its results (`sequential_stats`: its
+workers run the sequential engine, one request at a time, so a worker's steps and KV usage
+follow from each result — the request's blocks pinned from start to finish — but not its
+per-step token gaps, so a live run has no ITL):
 
 - **mean batch size** = requests scheduled summed over steps / steps (a step is one forward
   pass; the sequential engine's steps hold one request each);
@@ -20,12 +23,15 @@ Every value is a plain int, float, list or dict, ready for JSON; with no stats, 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
 from kvqueue.gpu.engine_stats import EngineStats
+from kvqueue.gpu.hashing import BLOCK_SIZE
+from kvqueue.gpu.results import RequestResult, RequestStatus
 from kvqueue.report.metrics import PERCENTILES, ratio
 
 TIMELINE_POINTS = 200
@@ -72,6 +78,26 @@ def _time_weighted_mean(samples: list[tuple[float, float]], end: float) -> float
     usage = np.asarray([u for _, u in samples])
     spans = np.clip(np.diff(at), 0.0, None)
     return float(np.dot(usage, spans) / end)
+
+
+def sequential_stats(results: Iterable[RequestResult]) -> dict[str, EngineStats]:
+    """Per worker, the `EngineStats` a sequential engine recorded serving `results` (module
+    docstring): a prefill step and a step per output token, at batch 1, busy for the
+    request's service time; KV usage = the request's blocks (prompt and output, ⌈tokens /
+    16⌉) over the cache's from its start to its finish, 0 between requests."""
+    by_worker: dict[str, list[RequestResult]] = {}
+    for r in results:
+        if r.status == RequestStatus.COMPLETED and r.worker and r.cache_capacity_blocks:
+            by_worker.setdefault(r.worker, []).append(r)
+    stats: dict[str, EngineStats] = {}
+    for worker, served in by_worker.items():
+        recorded = stats[worker] = EngineStats()
+        for r in sorted(served, key=lambda r: r.start_ms):
+            recorded.record_steps(1 + r.decode_tokens, 1, r.prefill_ms + r.decode_ms)
+            blocks = math.ceil((r.num_prompt_tokens + r.decode_tokens) / BLOCK_SIZE)
+            recorded.record_kv_usage(r.start_ms, blocks / r.cache_capacity_blocks)
+            recorded.record_kv_usage(r.finish_ms, 0.0)
+    return stats
 
 
 def summarize_engines(stats_by_worker: Mapping[str, EngineStats]) -> dict[str, Any] | None:

@@ -14,7 +14,7 @@ One function per figure, each taking the data (never reading files) and a path t
   simulated time, one row per strategy;
 - `plot_kv_usage`: per strategy, the engines' KV usage over time (blocks pinned by running
   requests, evictable cached ones counted free), per worker and averaged, from the
-  dashboard's engine metrics (simulated runs; a live run has none and says so).
+  dashboard's engine metrics (recorded by the simulator, rebuilt from a live run's results).
 
 TPOT (time per output token) is drawn over the requests that have one
 (`RequestResult.tpot_ms`).
@@ -426,7 +426,7 @@ def plot_kv_usage(dashboard: Mapping[str, Any], path: str | Path) -> Path:
             ax.yaxis.set_major_formatter(PercentFormatter(decimals=0))
             ax.set_xlabel("time since run start (simulated s)")
             if not timeline:
-                note(ax, "no engine statistics\n(recorded by simulated runs)")
+                note(ax, "no engine statistics")
                 continue
             t = np.asarray(timeline["t_ms"]) / 1000.0
             for values in timeline["per_worker"].values():

@@ -1,8 +1,9 @@
 """``report.html`` of a strategy comparison (demo, simulate, compare.py), conclusion first.
 
 Sections, in order: the conclusion (which strategy hits most, which has the shortest tail,
-and the overload line when queueing decides the latencies), the settings, the table
-(`kvqueue.report.dashboard.dashboard_table`), then every plot of the run embedded.
+and the overload line when queueing decides the latencies), the settings (the engine and
+latency model among them), the tables (`kvqueue.report.dashboard.dashboard_table` and, where
+the engines' work is known, `engine_table`), then every plot of the run embedded.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvqueue.gpu.engines import engine_label
+from kvqueue.gpu.engines import engine_label, latency_label
 from kvqueue.report.capacity import overload_line
-from kvqueue.report.dashboard import dashboard_table, load_verdicts
+from kvqueue.report.dashboard import dashboard_table, engine_table, load_verdicts
 from kvqueue.report.html import (
     Section,
     esc,
@@ -31,10 +32,12 @@ CAPTIONS = {
     "infinite cache shared by every worker).",
     "hit_rate_vs_p99_ttft.png": "The trade-off: hit rate against p99 time to first token.",
     "ttft_cdf.png": "Time to first token (queue wait + prefill), cumulative.",
-    "tpot_cdf.png": "Time per output token, cumulative.",
+    "tpot_cdf.png": "Time per output token, (end-to-end − TTFT) / (output tokens − 1), cumulative.",
     "e2e_cdf.png": "End-to-end latency, cumulative.",
     "per_worker.png": "Load per worker: completed requests and prompt tokens.",
     "cache_over_time.png": "KV-cache occupancy and cumulative evictions per worker over time.",
+    "kv_usage_over_time.png": "KV-cache usage over time: blocks pinned by running requests "
+    "(evictable cached blocks count as free), per worker and their mean.",
 }
 
 
@@ -82,9 +85,18 @@ def run_conclusion(dashboard: Mapping[str, Any]) -> list[str]:
         lines.append(overload[0].upper() + overload[1:] + ".")
     elif loads:
         span = f"{loads[0]:.2f}" if loads[0] == loads[-1] else f"{loads[0]:.2f}–{loads[-1]:.2f}"
+        basis = " or ".join(sorted({v.basis for v in verdicts if v.load is not None}))
         lines.append(
-            f"No run was overloaded (offered load {span} of the estimated capacity): the "
+            f"No run was overloaded (offered load {span} of the {basis} capacity): the "
             "latencies come from routing and caching, not from a backlog."
+        )
+    elif verdicts and all(v.burst for v in verdicts):
+        first = min(verdicts, key=lambda v: v.concurrency)
+        lines.append(
+            f"No run was overloaded: all {format_count(first.num_requests)} requests arrive at "
+            f"once, but {first.num_workers} GPUs running about {first.concurrency:.0f} requests "
+            "each at once take them together: the latencies come from routing and caching, "
+            "not from a backlog."
         )
     rejected = {n: s.get("rejected", 0) for n, s in strategies.items() if s.get("rejected")}
     if rejected:
@@ -97,7 +109,6 @@ def run_conclusion(dashboard: Mapping[str, Any]) -> list[str]:
 
 
 def _settings(meta: Mapping[str, Any]) -> list[tuple[str, object]]:
-    latency = meta.get("latency") or {}
     rate = meta.get("rate_rps")
     return [
         ("mode", meta.get("mode")),
@@ -110,13 +121,7 @@ def _settings(meta: Mapping[str, Any]) -> list[tuple[str, object]]:
         ("KV blocks per worker", format_count(meta.get("num_blocks"))),
         ("context", format_count(meta.get("max_context_tokens"))),
         ("engine", engine_label(meta)),
-        (
-            "latency model",
-            f"prefill {latency['prefill_base_ms']:g} + {latency['prefill_per_block_ms']:g} ms "
-            f"per uncached block, decode {latency['decode_per_token_ms']:g} ms per token"
-            if latency
-            else None,
-        ),
+        ("latency model", latency_label(meta)),
         ("time scale", meta.get("time_scale")),
         ("decode model", meta.get("decode_model") or "request length / fallback"),
         ("Redis", meta.get("redis")),
@@ -143,6 +148,11 @@ def write_run_report(
         Section("Conclusion", paragraphs(conclusion, "conclusion")),
         Section("Settings", settings_list(_settings(meta))),
         Section("Strategies", table_html(dashboard_table(dashboard))),
+        *(
+            [Section("Engines", table_html(engines))]
+            if (engines := engine_table(dashboard)) is not None
+            else []
+        ),
         Section(
             "Plots",
             "".join(figure(p, CAPTIONS.get(Path(p).name, Path(p).stem)) for p in plot_paths)

@@ -5,9 +5,11 @@ workload, model, GPU and engine, and how many GPUs does each need for a target r
 
 Steps (`run_sweep`):
 
-1. **Capacity.** One saturating cell per policy and cluster size (every request at once):
-   its throughput is the cluster's *measured* capacity under that policy
-   (`kvqueue.report.capacity`).
+1. **Capacity.** One saturating cell per policy and cluster size: the workload at once,
+   repeated until every GPU has many batches queued (`kvqueue.report.capacity.saturate`);
+   its throughput is the cluster's *measured* capacity under that policy, on whichever
+   engine the sweep runs — a batching engine's capacity depends on how many requests fit
+   its KV cache together, so on how much they share.
 2. **Rates.** The rates given, or by default `DEFAULT_RATE_FRACTIONS` of the highest
    capacity measured at that cluster size (2 significant digits): from light load to half
    again beyond what the best policy can take, so every policy's limit falls inside.
@@ -134,7 +136,8 @@ def idle_latencies(
     ttfts: list[float] = []
     tpots: list[float] = []
     for request in list(requests)[::step][:sample]:
-        (result,) = simulate_with(spec, [replace(request, arrival_ms=0.0)], strategy, 1, oracle)
+        alone = [replace(request, arrival_ms=0.0)]
+        (result,) = simulate_with(spec, alone, strategy, 1, oracle).results
         if result.status == RequestStatus.COMPLETED:
             ttfts.append(result.ttft_ms)
             if result.tpot_ms is not None:
@@ -330,6 +333,11 @@ def _capacity_row(record: dict[str, Any]) -> dict[str, Any]:
         "hit_rate": record["hit_rate"],
         "completed": record["completed"],
         "num_requests": record["num_requests"],
+        "copies": record["saturation"]["copies"],
+        "depth": record["saturation"]["depth"],
+        "saturated": record["saturation"]["saturated"],
+        "mean_batch_size": record["mean_batch_size"],
+        "preemptions": record["preemptions"],
     }
 
 

@@ -8,41 +8,47 @@ Arrivals of a cell at rate R (`cell_requests`): a workload without arrival times
 (synthetic, or a prompts file without ``arrival``) gets Poisson arrivals at R seeded by the
 workload's ``--seed`` — the same arrival pattern, scaled, at every rate and for every policy;
 a workload with its own times (a trace) keeps their shape, stretched or compressed to a mean
-rate of R. The saturating cell (R None) sends every request at once.
+rate of R. The saturating cell (R None) is the policy's saturating burst
+(`kvqueue.report.capacity.saturate`): the workload at once, repeated until every GPU has
+many batches queued; its throughput is the measured capacity, for either engine.
 
 A cell's record (`cell_metrics`, every value JSON-ready): the cell, request counts, block hit
 rate, TTFT / TPOT / end-to-end {mean, p50, p90, p99} in ms, throughput, goodput and SLO
-attainment (`kvqueue.report.slo`), utilization (busy time / (workers × makespan)), the
-busy-time capacity estimate (`kvqueue.report.capacity`), completed requests per worker, and
-the 0th…100th percentiles of TTFT and TPOT (for CDF plots).
+attainment (`kvqueue.report.slo`), utilization (busy time / (workers × makespan): the share
+of GPU time with a request in service, a utilization only for the sequential engine), what
+the engines did (mean batch size, preemptions, KV usage mean and maximum, and the mean KV
+usage over time on `KV_TIMELINE_POINTS` points, `kvqueue.report.engine_metrics`), completed
+requests per worker, and the 0th…100th percentiles of TTFT and TPOT (for CDF plots). A
+saturating cell adds its burst (``saturation``: copies, requests, depth).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from kvqueue.gpu.engine_stats import EngineStats
 from kvqueue.gpu.oracle import DecodeLengthOracle
 from kvqueue.gpu.request import Request
 from kvqueue.gpu.results import RequestResult, RequestStatus
-from kvqueue.report.capacity import busy_ms, capacity_from_busy_time, offered_rate_rps
+from kvqueue.report.capacity import busy_ms, offered_rate_rps, saturate
+from kvqueue.report.engine_metrics import summarize_engines
 from kvqueue.report.metrics import summarize
 from kvqueue.report.slo import Slo, slo_summary
 from kvqueue.report.sweep_spec import Cell, SweepSpec
-from kvqueue.sim.simulation import simulate, worker_names
+from kvqueue.sim.simulation import SimulationRun, simulate_run, worker_names
 from kvqueue.workloads.arrivals import retime
 
 SWEEP_RUN_ID = "sweep"
 QUANTILE_POINTS = tuple(range(101))
+KV_TIMELINE_POINTS = 50
 
 
-def cell_requests(requests: Sequence[Request], rate_rps: float | None, seed: int) -> list[Request]:
-    """The workload's requests retimed for a cell (module docstring)."""
-    if rate_rps is None:
-        return retime(requests, "asap")
+def cell_requests(requests: Sequence[Request], rate_rps: float, seed: int) -> list[Request]:
+    """The workload's requests retimed for a cell at `rate_rps` (module docstring)."""
     natural = offered_rate_rps([r.arrival_ms for r in requests])
     if 0 < natural < math.inf:
         return retime(requests, "trace", arrival_scale=natural / rate_rps)
@@ -56,8 +62,38 @@ def quantiles(values: Sequence[float]) -> list[float]:
     return [float(v) for v in np.percentile(np.asarray(values, dtype=float), QUANTILE_POINTS)]
 
 
-def cell_metrics(cell: Cell, results: Sequence[RequestResult], slo: Slo) -> dict[str, Any]:
-    """The record of one cell from its results (module docstring)."""
+def engine_part(engine_stats: Mapping[str, EngineStats] | None) -> dict[str, Any]:
+    """What the engines did, in a cell's record (None each where nothing was recorded)."""
+    engine = summarize_engines(engine_stats or {})
+    if engine is None:
+        return {
+            "mean_batch_size": None,
+            "preemptions": None,
+            "kv_usage_mean": None,
+            "kv_usage_max": None,
+            "kv_usage_timeline": None,
+        }
+    timeline = engine["kv_usage"]["timeline"]
+    picks = np.linspace(0, len(timeline["t_ms"]) - 1, KV_TIMELINE_POINTS).round().astype(int)
+    return {
+        "mean_batch_size": engine["mean_batch_size"],
+        "preemptions": engine["preemptions"],
+        "kv_usage_mean": engine["kv_usage"]["mean"],
+        "kv_usage_max": engine["kv_usage"]["max"],
+        "kv_usage_timeline": {
+            "t_ms": [timeline["t_ms"][i] for i in picks],
+            "mean": [timeline["mean"][i] for i in picks],
+        },
+    }
+
+
+def cell_metrics(
+    cell: Cell,
+    results: Sequence[RequestResult],
+    slo: Slo,
+    engine_stats: Mapping[str, EngineStats] | None = None,
+) -> dict[str, Any]:
+    """The record of one cell from its results and engine statistics (module docstring)."""
     workers = worker_names(cell.num_workers)
     summary = summarize(results, workers)
     slo_part = slo_summary(results, slo)
@@ -79,7 +115,7 @@ def cell_metrics(cell: Cell, results: Sequence[RequestResult], slo: Slo) -> dict
         "attainment": slo_part["attainment"],
         "num_meeting_slo": slo_part["num_meeting_slo"],
         "utilization": total_busy / (cell.num_workers * makespan) if makespan > 0 else None,
-        "capacity_estimate_rps": capacity_from_busy_time(len(done), total_busy, cell.num_workers),
+        **engine_part(engine_stats),
         "per_worker_requests": [row["requests"] for row in summary["per_worker"].values()],
         "ttft_quantiles": quantiles([r.ttft_ms for r in done]),
         "tpot_quantiles": quantiles([r.tpot_ms for r in done if r.tpot_ms is not None]),
@@ -92,13 +128,13 @@ def simulate_with(
     strategy: str,
     num_workers: int,
     oracle: DecodeLengthOracle | None = None,
-) -> list[RequestResult]:
-    """`simulate` with the spec's preset, latency, engine choice and pending TTL: the one
-    place a sweep turns its settings into a simulator."""
-    return simulate(
+) -> SimulationRun:
+    """`simulate_run` with the spec's preset, latency, engine and pending TTL: the one place
+    a sweep turns its settings into a simulator."""
+    return simulate_run(
         requests,
         strategy,
-        num_workers,
+        num_workers=num_workers,
         preset=spec.gpu_preset(),
         latency=spec.latency_model(),
         oracle=oracle or spec.oracle(),
@@ -117,10 +153,22 @@ def measure_cell(
     """Simulate `cell` on the workload `requests` (their own arrivals) and return its record."""
     if spec.slo is None:
         raise ValueError("a sweep cell needs the spec's SLO")
+    if cell.rate_rps is None:
+        (saturation,) = saturate(
+            requests,
+            [cell.strategy],
+            cell.num_workers,
+            lambda burst, names: {
+                name: simulate_with(spec, burst, name, cell.num_workers, oracle) for name in names
+            },
+        ).values()
+        run = saturation.run
+        record = cell_metrics(cell, run.results, spec.slo, run.engine_stats)
+        return {**record, "saturation": saturation.to_dict()}
     seed = int(spec.workload_args.get("seed") or 0)
     timed = cell_requests(requests, cell.rate_rps, seed)
-    results = simulate_with(spec, timed, cell.strategy, cell.num_workers, oracle)
-    return cell_metrics(cell, results, spec.slo)
+    run = simulate_with(spec, timed, cell.strategy, cell.num_workers, oracle)
+    return cell_metrics(cell, run.results, spec.slo, run.engine_stats)
 
 
 def run_cell_job(spec: dict[str, Any], cell: dict[str, Any]) -> dict[str, Any]:

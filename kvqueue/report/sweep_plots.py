@@ -7,6 +7,8 @@ All on the first cluster size swept (`primary_workers`):
   the target); overloaded cells are drawn hollow;
 - the hit-rate / p99-TTFT trade-off through each strategy's rates (`plot_tradeoff`);
 - `plot_quantile_cdf`: TTFT and TPOT CDFs of every strategy at the *reference rate*;
+- `plot_kv_usage`: each strategy's KV usage over time at the reference rate (mean over its
+  workers; blocks pinned by running requests, evictable cached ones counted free);
 - `plot_worker_load`: completed requests per worker at the reference rate.
 
 The reference rate (`reference_rate`) is the highest rate any strategy sustains within the
@@ -41,6 +43,7 @@ ATTAINMENT_FILE = "attainment_vs_rate.png"
 TRADEOFF_FILE = "hit_rate_vs_p99_ttft.png"
 TTFT_CDF_FILE = "ttft_cdf.png"
 TPOT_CDF_FILE = "tpot_cdf.png"
+KV_USAGE_FILE = "kv_usage_over_time.png"
 WORKER_LOAD_FILE = "per_worker.png"
 
 
@@ -196,6 +199,40 @@ def plot_quantile_cdf(
         return finish_figure(fig, path, subtitle(result))
 
 
+def plot_kv_usage(result: Mapping[str, Any], path: str | Path) -> Path:
+    """Mean KV usage of each strategy's workers over time, at the reference rate."""
+    rate = reference_rate(result)
+    cells = cells_at(result, rate)
+    colors = strategy_colors(list(result["meta"]["strategies"]))
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        drawn = False
+        for name, cell in cells.items():
+            timeline = cell.get("kv_usage_timeline")
+            if not timeline:
+                continue
+            share = f"{100 * cell['kv_usage_mean']:.0f}% time-weighted"
+            ax.step(
+                np.asarray(timeline["t_ms"]) / 1000.0,
+                np.asarray(timeline["mean"]),
+                where="post",
+                color=colors[name],
+                linewidth=2,
+                label=f"{name} ({share}, max {100 * cell['kv_usage_max']:.0f}%)",
+            )
+            drawn = True
+        ax.set_ylim(0, 1.05)
+        ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
+        ax.set_xlabel("time since the first arrival (simulated s)")
+        ax.set_ylabel("KV blocks pinned by running requests")
+        ax.set_title(f"KV-cache usage over time at {format_rate(rate)} req/s")
+        if drawn:
+            ax.legend(loc="best", fontsize=9)
+        else:
+            note(ax, "no engine statistics in these cells")
+        return finish_figure(fig, path, subtitle(result))
+
+
 def plot_worker_load(result: Mapping[str, Any], path: str | Path) -> Path:
     """Completed requests per worker at the reference rate, a group of bars per strategy."""
     rate = reference_rate(result)
@@ -275,6 +312,7 @@ def write_sweep_plots(out_dir: str | Path, result: Mapping[str, Any]) -> list[Pa
         plot_quantile_cdf(
             result, "tpot_quantiles", out / TPOT_CDF_FILE, "Time per output token", "TPOT"
         ),
+        plot_kv_usage(result, out / KV_USAGE_FILE),
         plot_worker_load(result, out / WORKER_LOAD_FILE),
     ]
 
@@ -291,6 +329,9 @@ def sweep_plot_captions(result: Mapping[str, Any]) -> dict[str, str]:
         TRADEOFF_FILE: "What cache affinity buys and costs: hit rate against p99 TTFT, each "
         "point labelled with its offered rate (req/s).",
         TTFT_CDF_FILE: f"TTFT distribution at {rate} req/s (the reference rate).",
-        TPOT_CDF_FILE: f"TPOT distribution at {rate} req/s.",
+        TPOT_CDF_FILE: f"TPOT distribution at {rate} req/s: (end-to-end − TTFT) / (output "
+        "tokens − 1).",
+        KV_USAGE_FILE: f"KV-cache usage over time at {rate} req/s, mean over each strategy's "
+        "GPUs (evictable cached blocks count as free).",
         WORKER_LOAD_FILE: f"Completed requests per worker at {rate} req/s.",
     }

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kvqueue.gpu.engines import engine_label
+from kvqueue.gpu.engines import engine_label, latency_label
 from kvqueue.report.html import (
     Section,
     figure,
@@ -23,18 +23,13 @@ from kvqueue.report.units import format_count, format_rate
 
 def _settings(meta: Mapping[str, Any]) -> list[tuple[str, object]]:
     slo = meta["slo"]
-    latency = meta["latency"]
     rates = "; ".join(
         f"{w} GPUs: {', '.join(format_rate(r) for r in rs)}"
         for w, rs in meta["rates_by_workers"].items()
     )
     return [
         ("model used", engine_label(meta)),
-        (
-            "latency constants",
-            f"prefill {latency['prefill_base_ms']:g} + {latency['prefill_per_block_ms']:g} ms per "
-            f"uncached block, decode {latency['decode_per_token_ms']:g} ms per token",
-        ),
+        ("latency model", latency_label(meta)),
         (
             "preset",
             f"{meta['preset']} ({format_count(meta['num_blocks'])} KV blocks, "

@@ -1,10 +1,13 @@
 """The tables of a sweep result, for the terminal and the HTML report alike.
 
 - `sustained_table`: the highest rate each policy sustains within the SLO per cluster size,
-  next to the capacity measured by its saturating run and the ratio to the baseline;
+  next to the capacity measured by its saturating burst (and, on a batching engine, the mean
+  batch it ran at) and the ratio to the baseline;
 - `fewest_gpus_table`: with a target rate, the fewest GPUs each policy needs for it;
 - `cells_table`: every cell, overloaded ones marked ``!`` in the load column (offered rate /
-  measured capacity) and summed up in one line under the table.
+  measured capacity) and summed up in one line under the table; on the sequential engine the
+  share of GPU time busy, on a batching engine the mean batch and KV-cache usage instead
+  (a batching GPU is "busy" with one request as with a hundred).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from kvqueue.report.recommend import baseline_of, overload_summary
 from kvqueue.report.table import Table
 from kvqueue.report.units import format_count, format_ms, format_rate, format_share
 
+SEQUENTIAL = "sequential"
+
 
 def _rate_cell(row: Mapping[str, Any]) -> str:
     if row["rate_rps"] is None:
@@ -27,7 +32,8 @@ def _rate_cell(row: Mapping[str, Any]) -> str:
 def sustained_table(result: Mapping[str, Any]) -> Table:
     meta = result["meta"]
     baseline = baseline_of(meta["strategies"])
-    capacity = {(c["strategy"], c["num_workers"]): c["measured_rps"] for c in result["capacity"]}
+    capacity = {(c["strategy"], c["num_workers"]): c for c in result["capacity"]}
+    batching = meta["engine"] != SEQUENTIAL
     base = {
         r["num_workers"]: r["rate_rps"] for r in result["sustained"] if r["strategy"] == baseline
     }
@@ -38,17 +44,18 @@ def sustained_table(result: Mapping[str, Any]) -> Table:
             if r["rate_rps"] and base.get(r["num_workers"])
             else "-"
         )
-        rows.append(
-            (
-                r["strategy"],
-                format_count(r["num_workers"]),
-                _rate_cell(r),
-                ratio,
-                r.get("limited_by") or "-",
-                format_rate(capacity.get((r["strategy"], r["num_workers"]))),
-            )
+        measured = capacity.get((r["strategy"], r["num_workers"])) or {}
+        row = (
+            r["strategy"],
+            format_count(r["num_workers"]),
+            _rate_cell(r),
+            ratio,
+            r.get("limited_by") or "-",
+            format_rate(measured.get("measured_rps")),
         )
-    columns = (
+        batch = measured.get("mean_batch_size")
+        rows.append((*row, "-" if batch is None else f"{batch:.0f}") if batching else row)
+    columns: tuple[tuple[str, str], ...] = (
         ("strategy", "<"),
         ("GPUs", ">"),
         ("max rate in SLO", ">"),
@@ -56,12 +63,16 @@ def sustained_table(result: Mapping[str, Any]) -> Table:
         ("next rate fails", ">"),
         ("capacity", ">"),
     )
+    if batching:
+        columns += (("batch at capacity", ">"),)
     attainment = meta["slo"]["attainment"]
     notes = (
         f"rates in req/s; max rate in SLO = highest rate tested with ≥ {100 * attainment:g}% of "
         "requests within the SLO (≥: every rate tested met it; <: none did); next rate fails "
         "on the SLO, or on capacity (offered more than the cluster takes); capacity = "
-        "throughput when every request arrives at once (measured)",
+        "throughput of a saturating burst, the workload at once, repeated until each GPU "
+        "queues many batches (measured)"
+        + ("; batch at capacity = requests per step in that burst" if batching else ""),
     )
     return Table("Highest rate sustained within the SLO", columns, tuple(rows), notes)
 
@@ -85,6 +96,7 @@ def fewest_gpus_table(result: Mapping[str, Any]) -> Table | None:
 
 
 def cells_table(result: Mapping[str, Any]) -> Table:
+    batching = result["meta"]["engine"] != SEQUENTIAL
     rows = []
     marked = set()
     for index, c in enumerate(result["cells"]):
@@ -106,7 +118,11 @@ def cells_table(result: Mapping[str, Any]) -> Table:
                 format_ms(tpot["p99"]),
                 format_share(c["attainment"]),
                 format_rate(c["goodput_rps"]),
-                format_share(c["utilization"], 0),
+                *(
+                    (_batch(c["mean_batch_size"]), format_share(c["kv_usage_mean"], 0))
+                    if batching
+                    else (format_share(c["utilization"], 0),)
+                ),
                 "/".join(format_count(n) for n in counts),
             )
         )
@@ -121,17 +137,26 @@ def cells_table(result: Mapping[str, Any]) -> Table:
         ("TPOT p99", ">"),
         ("in SLO", ">"),
         ("goodput", ">"),
-        ("busy", ">"),
+        *((("batch", ">"), ("KV used", ">")) if batching else (("busy", ">"),)),
         ("done/rej/fail", ">"),
+    )
+    usage = (
+        "batch = requests per step; KV used = time-weighted mean share of KV blocks pinned"
+        if batching
+        else "busy = share of GPU time serving a request (utilization)"
     )
     notes = [
         "rates and goodput in req/s; times in simulated ms (s where marked); load = offered "
-        "rate / measured capacity (! overloaded); in SLO = SLO attainment; busy = utilization"
+        f"rate / measured capacity (! overloaded); in SLO = SLO attainment; {usage}"
     ]
     overload = overload_summary(result)
     if overload:
         notes.append(overload)
     return Table("Every cell", columns, tuple(rows), tuple(notes), frozenset(marked))
+
+
+def _batch(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def sweep_tables(result: Mapping[str, Any]) -> list[Table]:

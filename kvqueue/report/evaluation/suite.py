@@ -42,15 +42,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kvqueue.gpu.engines import EngineConfig
-from kvqueue.gpu.hashing import BlockHash
 from kvqueue.gpu.latency import LatencyModel
 from kvqueue.gpu.oracle import FallbackOracle
 from kvqueue.gpu.presets import DEFAULT_PRESET, get_preset
 from kvqueue.gpu.profiles import SequentialStepPricing
 from kvqueue.gpu.request import Request
-from kvqueue.report.metrics import completed, makespan_ms
+from kvqueue.report.capacity import saturated_throughput_rps
 from kvqueue.sim.simulation import simulate
 from kvqueue.workloads.arrivals import retime
+from kvqueue.workloads.rekey import isolated
 from kvqueue.workloads.synthetic import make_workload
 from kvqueue.workloads.traces import read_azure, read_mooncake
 
@@ -213,12 +213,6 @@ def cold_service_ms(
     return total / len(requests)
 
 
-def _private(block_hashes: Sequence[BlockHash], owner: int) -> tuple[BlockHash, ...]:
-    """The same chain re-keyed by its owner's position: no other request can share it."""
-    suffix = owner.to_bytes(4, "little")
-    return tuple(BlockHash(h + suffix) for h in block_hashes)
-
-
 def saturation_rps(
     requests: Sequence[Request],
     num_workers: int,
@@ -228,18 +222,14 @@ def saturation_rps(
 ) -> float:
     """Requests per second `num_workers` workers complete when every request arrives at once
     and none shares a block with another (round robin): the cluster's cold capacity."""
-    alone = [
-        replace(r, block_hashes=_private(r.block_hashes, i), arrival_ms=0.0)
-        for i, r in enumerate(requests)
-    ]
+    alone = retime(isolated(requests), "asap")
     results = simulate(
         alone, "round_robin", num_workers, get_preset(preset_name), latency, engine=engine
     )
-    done = completed(results)
-    span_ms = makespan_ms(done)
-    if not done or span_ms <= 0:
+    capacity = saturated_throughput_rps(results)
+    if capacity is None:
         raise ValueError(f"no request of the workload completes on {preset_name}")
-    return len(done) * 1000.0 / span_ms
+    return capacity
 
 
 def target_rate(
