@@ -6,6 +6,7 @@ import pytest
 
 from kvqueue.config import ENV_TO_FIELD, Settings
 from kvqueue.errors import ConfigError
+from kvqueue.gpu.engines import EngineConfig
 from kvqueue.gpu.latency import LatencyModel
 
 ENV_EXAMPLES = {
@@ -172,3 +173,12 @@ def test_engine_settings_build_the_engine_and_its_vllm_limits():
 def test_bad_engine_settings_are_rejected_naming_the_value(env, message):
     with pytest.raises(ConfigError, match=message):
         Settings.from_env(env)
+
+
+def test_a_commands_own_defaults_yield_to_the_environment_and_to_flags():
+    defaults = {"engine": "batched", "latency_profile": "calibrated"}  # kvqueue sweep's
+    assert Settings.from_env({}, defaults).engine_config() == EngineConfig("batched", "calibrated")
+    from_env = Settings.from_env({"KVQ_ENGINE": "sequential"}, defaults)
+    assert (from_env.engine, from_env.latency_profile) == ("sequential", "calibrated")
+    flagged = Settings.from_env({"KVQ_ENGINE": "batched"}, defaults, engine="sequential")
+    assert flagged.engine == "sequential"

@@ -10,13 +10,17 @@ import orjson
 import pytest
 
 from kvqueue.cli import main
+from kvqueue.errors import ConfigError
+from kvqueue.gpu.engines import EngineConfig
 from kvqueue.gpu.latency import LatencyModel
 from kvqueue.report.capacity import SATURATION_DEPTH
 from kvqueue.report.dashboard import DASHBOARD_FILE
 from kvqueue.report.html import REPORT_FILE
 from kvqueue.report.recommend import recommendation
+from kvqueue.report.slo import Slo
 from kvqueue.report.sweep import DEFAULT_RATE_FRACTIONS, round_significant
 from kvqueue.report.sweep_plots import GOODPUT_FILE, KV_USAGE_FILE, P99_FILE, TRADEOFF_FILE
+from kvqueue.report.sweep_spec import SweepSpec
 from kvqueue.workloads.synthetic import SHARED_PREFIX_PRESETS
 
 STRATEGIES = ["round_robin", "cache_aware", "predictive"]
@@ -265,3 +269,23 @@ def test_round_significant_rounds_to_two_digits() -> None:
     assert round_significant(0.04449) == 0.044
     assert round_significant(241.0, up=True) == 250.0
     assert math.isinf(round_significant(math.inf))
+
+
+def test_a_sweep_spec_crosses_json_with_its_engine_whole() -> None:
+    engine = EngineConfig("batched", "calibrated", max_num_batched_tokens=512, max_num_seqs=8)
+    spec = SweepSpec(
+        workload_args={"workload": "shared-prefix-tiny", "seed": 1},
+        hash_seed="kvqueue",
+        tokenizer=None,
+        preset="llama-3.1-8b@h100-80gb",
+        num_blocks=None,
+        max_context_tokens=None,
+        latency={"prefill_base_ms": 5.0, "prefill_per_block_ms": 2.5, "decode_per_token_ms": 15.0},
+        engine=engine,
+        pending_ttl_ms=30_000.0,
+        decode_model=None,
+        slo=Slo(500.0, 40.0),
+    )
+    assert SweepSpec.from_dict(orjson.loads(orjson.dumps(spec.to_dict()))) == spec
+    with pytest.raises(ConfigError, match=r"unknown engine setting\(s\) \['warp'\]"):
+        EngineConfig.from_dict({"engine": "batched", "warp": 9})

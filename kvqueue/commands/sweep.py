@@ -1,9 +1,14 @@
 """`kvqueue sweep`: capacity and SLO sweep over offered rates and cluster sizes, in virtual time.
 
-    kvqueue sweep --workload shared-prefix-small --rates 2,4,6,8 \\
+    kvqueue sweep --workload shared-prefix-small --rates 15,30,45,60,75,90,105 \\
         --strategies round_robin,cache_aware,predictive --slo-ttft 2000 --json
     kvqueue sweep --trace trace.jsonl --preset qwen2.5-7b@h100-80gb --target-rate 12
+    kvqueue sweep ... --engine sequential --latency seed   # the seed's one-at-a-time GPUs
     kvqueue sweep ... --distributed          # cells as RQ jobs for `rq worker ... kvq-sim`
+
+Every GPU runs the batched engine with the preset's calibrated latencies unless told
+otherwise (flags, or KVQ_ENGINE / KVQ_LATENCY): capacity planning on a one-request-at-a-time
+model would understate what a batching server takes. Every report names the model used.
 
 What it runs and how the defaults are chosen: `kvqueue.report.sweep`; where the cells run:
 `kvqueue.report.sweep_local` and `kvqueue.report.sweep_distributed`. Writes

@@ -211,14 +211,14 @@ def plot_kv_usage(result: Mapping[str, Any], path: str | Path) -> Path:
             timeline = cell.get("kv_usage_timeline")
             if not timeline:
                 continue
-            share = f"{100 * cell['kv_usage_mean']:.0f}% time-weighted"
+            share = f"mean {100 * cell['kv_usage_mean']:.0f}% over time"
             ax.step(
                 np.asarray(timeline["t_ms"]) / 1000.0,
                 np.asarray(timeline["mean"]),
                 where="post",
                 color=colors[name],
                 linewidth=2,
-                label=f"{name} ({share}, max {100 * cell['kv_usage_max']:.0f}%)",
+                label=f"{name} ({share}, one GPU's peak {100 * cell['kv_usage_max']:.0f}%)",
             )
             drawn = True
         ax.set_ylim(0, 1.05)
