@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -48,6 +48,19 @@ def real_redis_url(base_url: str, db: int) -> str:
         query = dict(parse_qsl(parts.query)) | {"db": str(db)}
         return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
     return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, ""))
+
+
+def flushed_database(base_url: str, db: int) -> Iterator[tuple[str, redis.Redis]]:
+    """For a fixture: database `db` of the test server and a client, the database emptied
+    before and after the test. FAILS the test if Redis does not answer."""
+    url = real_redis_url(base_url, db)
+    client = connect_or_fail(url)
+    client.flushdb()
+    try:
+        yield url, client
+    finally:
+        client.flushdb()
+        client.close()
 
 
 def connect_or_fail(url: str) -> redis.Redis:

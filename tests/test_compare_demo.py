@@ -22,17 +22,18 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import fakeredis
 import orjson
 import pytest
 import redis
+from live_support import flushed_database
 from rq import Queue
 from rq.serializers import JSONSerializer
 
 from kvqueue import keys
-from kvqueue.commands.demo import apply_demo_defaults, parse_strategies
+from kvqueue.commands.demo import apply_demo_defaults
+from kvqueue.commands.strategy_flags import parse_strategies
 from kvqueue.errors import KVQueueError
 from kvqueue.gpu.results import RequestResult, RequestStatus
 from kvqueue.live.hygiene import check_redis_is_free, clear_routing_state, drop_queued_jobs
@@ -51,31 +52,10 @@ PERCENTILE_KEYS = ("mean", "p50", "p90", "p99")
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def with_db(base_url: str, db: int) -> str:
-    """`base_url` with its database number set to `db` (``unix://`` URLs too)."""
-    parts = urlsplit(base_url)
-    if parts.scheme == "unix":
-        query = dict(parse_qsl(parts.query)) | {"db": str(db)}
-        return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
-    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, ""))
-
-
 @pytest.fixture
 def demo_redis(real_redis_base_url: str) -> Iterator[tuple[str, redis.Redis]]:
     """Database `DEMO_DB` of the test server, flushed before and after. FAILS if unreachable."""
-    url = with_db(real_redis_base_url, DEMO_DB)
-    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=30)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        client.close()
-        pytest.fail(f"real Redis required at {url} (KVQ_TEST_REDIS_URL): {exc}", pytrace=False)
-    client.flushdb()
-    try:
-        yield url, client
-    finally:
-        client.flushdb()
-        client.close()
+    yield from flushed_database(real_redis_base_url, DEMO_DB)
 
 
 def child_env(marker: str, **extra: str) -> dict[str, str]:

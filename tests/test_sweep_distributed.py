@@ -18,7 +18,7 @@ from pathlib import Path
 import orjson
 import pytest
 import redis
-from live_support import REPO_ROOT, SWEEP_DB, connect_or_fail, real_redis_url
+from live_support import REPO_ROOT, SWEEP_DB, flushed_database
 from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 
@@ -35,14 +35,7 @@ ANSWERS = ("capacity", "cells", "sustained", "fewest_gpus", "recommendation")
 
 @pytest.fixture
 def sim_redis(real_redis_base_url: str) -> Iterator[tuple[str, redis.Redis]]:
-    url = real_redis_url(real_redis_base_url, SWEEP_DB)
-    client = connect_or_fail(url)
-    client.flushdb()
-    try:
-        yield url, client
-    finally:
-        client.flushdb()
-        client.close()
+    yield from flushed_database(real_redis_base_url, SWEEP_DB)
 
 
 def child_env(**extra: str) -> dict[str, str]:

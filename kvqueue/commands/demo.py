@@ -38,6 +38,7 @@ from typing import Any
 import orjson
 
 from kvqueue.commands.engine_flags import add_engine_arguments, engine_overrides
+from kvqueue.commands.strategy_flags import add_strategies_argument, parse_strategies
 from kvqueue.config import Settings
 from kvqueue.errors import ConfigError, KVQueueError
 from kvqueue.live.comparison import comparison_meta, comparison_redis, run_comparison
@@ -46,7 +47,6 @@ from kvqueue.live.signals import graceful_signals
 from kvqueue.live.worker import LIVE_ENGINES
 from kvqueue.report.comparison import write_comparison
 from kvqueue.report.dashboard import format_table
-from kvqueue.routing.policies.base import policy_names
 from kvqueue.sim.simulation import DEFAULT_STRATEGIES
 from kvqueue.workloads.fit_advice import unfit_warning
 from kvqueue.workloads.options import add_workload_arguments, build_requests
@@ -75,12 +75,7 @@ def configure_common(parser: argparse.ArgumentParser, default_workload: str | No
     """Flags shared by `kvqueue demo` and `analysis/compare.py`."""
     add_workload_arguments(parser, default=default_workload)
     group = parser.add_argument_group("comparison")
-    group.add_argument(
-        "--strategies",
-        default=",".join(DEFAULT_STRATEGIES),
-        help=f"comma-separated routing strategies (valid: {', '.join(policy_names())}; "
-        f"default {','.join(DEFAULT_STRATEGIES)})",
-    )
+    add_strategies_argument(group, DEFAULT_STRATEGIES)
     group.add_argument("--workers", type=int, help="KV worker processes (simulated GPUs)")
     group.add_argument(
         "--time-scale",
@@ -134,19 +129,6 @@ def apply_demo_defaults(args: argparse.Namespace) -> None:
         args.out = DEMO_OUT
     if args.rate is None and args.workload is not None:
         args.rate = DEMO_RATE_PER_WORKER * args.workers
-
-
-def parse_strategies(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    valid = policy_names()
-    unknown = [n for n in names if n not in valid]
-    if unknown:
-        raise ValueError(f"unknown strategy {unknown[0]!r}; valid: {', '.join(valid)}")
-    if not names:
-        raise ValueError("--strategies is empty")
-    if len(set(names)) != len(names):
-        raise ValueError(f"--strategies names a strategy twice: {text!r}")
-    return names
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 import orjson
 
 from kvqueue.commands.engine_flags import add_engine_arguments, engine_overrides
+from kvqueue.commands.strategy_flags import add_strategies_argument, parse_strategies
 from kvqueue.config import Settings
 from kvqueue.errors import KVQueueError
 from kvqueue.gpu.oracle import make_oracle
@@ -31,8 +32,7 @@ from kvqueue.report.dashboard import (
 )
 from kvqueue.report.plots import write_plots
 from kvqueue.report.run_report import write_run_report
-from kvqueue.routing.policies.base import policy_names
-from kvqueue.sim.parallel import check_strategies, default_jobs
+from kvqueue.sim.parallel import default_jobs
 from kvqueue.sim.simulation import DEFAULT_STRATEGIES, worker_names
 from kvqueue.workloads.fit_advice import unfit_warning
 from kvqueue.workloads.options import add_workload_arguments, build_requests
@@ -43,12 +43,7 @@ DEFAULT_WORKLOAD = "shared-prefix-small"
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add_workload_arguments(parser, default=DEFAULT_WORKLOAD)
-    parser.add_argument(
-        "--strategies",
-        default=",".join(DEFAULT_STRATEGIES),
-        help=f"comma-separated routing strategies (valid: {', '.join(policy_names())}; "
-        f"default {','.join(DEFAULT_STRATEGIES)})",
-    )
+    add_strategies_argument(parser, DEFAULT_STRATEGIES)
     parser.add_argument("--workers", type=int, default=4, help="simulated GPUs (default 4)")
     parser.add_argument("--preset", help="MODEL@GPU preset (default: KVQ_PRESET or llama-2-13b)")
     parser.add_argument("--num-blocks", type=int, help="override the preset's KV block count")
@@ -70,10 +65,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _parse_strategies(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",") if name.strip()]
-
-
 def run(args: argparse.Namespace) -> int:
     started = time.strftime("%Y%m%d-%H%M%S")
     try:
@@ -84,8 +75,7 @@ def run(args: argparse.Namespace) -> int:
             tokenizer=args.tokenizer,
             **engine_overrides(args),
         )
-        strategies = _parse_strategies(args.strategies)
-        check_strategies(strategies)
+        strategies = parse_strategies(args.strategies)
         workers = worker_names(args.workers)
         preset = settings.gpu_preset()
         requests, meta = build_requests(args, settings.hash_seed, settings.tokenizer)

@@ -25,6 +25,7 @@ from pathlib import Path
 import orjson
 
 from kvqueue.commands.engine_flags import add_engine_arguments, engine_overrides
+from kvqueue.commands.strategy_flags import add_strategies_argument, parse_strategies
 from kvqueue.config import Settings
 from kvqueue.errors import KVQueueError
 from kvqueue.progress import progress_reporter
@@ -37,7 +38,6 @@ from kvqueue.report.sweep import (
 )
 from kvqueue.report.sweep_distributed import DEFAULT_TIMEOUT_S, SIM_QUEUE
 from kvqueue.report.sweep_run import SweepRequest, execute_sweep, format_sweep
-from kvqueue.routing.policies.base import policy_names
 from kvqueue.workloads.options import add_workload_arguments
 
 DEFAULT_WORKLOAD = "shared-prefix-small"
@@ -46,12 +46,7 @@ DEFAULT_WORKLOAD = "shared-prefix-small"
 def configure(parser: argparse.ArgumentParser) -> None:
     add_workload_arguments(parser, default=DEFAULT_WORKLOAD)
     group = parser.add_argument_group("sweep")
-    group.add_argument(
-        "--strategies",
-        default=",".join(DEFAULT_SWEEP_STRATEGIES),
-        help=f"comma-separated routing strategies (valid: {', '.join(policy_names())}; "
-        f"default {','.join(DEFAULT_SWEEP_STRATEGIES)})",
-    )
+    add_strategies_argument(group, DEFAULT_SWEEP_STRATEGIES)
     group.add_argument(
         "--rates",
         help="comma-separated offered rates in requests/s (default: fractions of the capacity "
@@ -145,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         request = SweepRequest(
             args=args,
             settings=settings,
-            strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()),
+            strategies=tuple(parse_strategies(args.strategies)),
             workers=_numbers(args.workers, "--workers", int),
             rates=None if args.rates is None else _numbers(args.rates, "--rates", float),
             target_rate=args.target_rate,

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from kvqueue.gpu.admission import check_context, output_length
 from kvqueue.gpu.cache import Allocation, BlockCache
 from kvqueue.gpu.events import CacheEvent
-from kvqueue.gpu.latency import LatencyModel
+from kvqueue.gpu.latency import LatencyModel, end_to_end_ms, tpot_ms, ttft_ms
 from kvqueue.gpu.oracle import DecodeLengthOracle, FallbackOracle
 from kvqueue.gpu.presets import Preset, get_preset
 from kvqueue.gpu.profiles import SequentialStepPricing
@@ -43,6 +44,25 @@ class Execution:
     @property
     def service_ms(self) -> float:
         return self.prefill_ms + self.decode_ms
+
+    def result_fields(self, queue_wait_ms: float) -> dict[str, Any]:
+        """What a `RequestResult` of this request says after `queue_wait_ms` in the queue: its
+        times (TTFT, end-to-end and TPOT as `kvqueue.gpu.latency` defines them) and what its
+        allocation did — the same fields from the live worker and the simulator."""
+        ttft = ttft_ms(queue_wait_ms, self.prefill_ms)
+        e2e = end_to_end_ms(ttft, self.decode_ms)
+        return {
+            "queue_wait_ms": queue_wait_ms,
+            "prefill_ms": self.prefill_ms,
+            "decode_ms": self.decode_ms,
+            "ttft_ms": ttft,
+            "e2e_ms": e2e,
+            "tpot_ms": tpot_ms(ttft, e2e, self.decode_tokens),
+            "hit_blocks": self.allocation.num_hit_blocks,
+            "decode_tokens": self.decode_tokens,
+            "decode_source": self.decode_source,
+            "evictions": self.allocation.num_evicted,
+        }
 
 
 class SimulatedGpu:

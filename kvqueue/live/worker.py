@@ -29,7 +29,6 @@ from rq.serializers import JSONSerializer
 from kvqueue import keys
 from kvqueue.config import Settings
 from kvqueue.errors import ConfigError, RequestRejected
-from kvqueue.gpu.latency import end_to_end_ms, tpot_ms, ttft_ms
 from kvqueue.gpu.oracle import make_oracle
 from kvqueue.gpu.request import Request
 from kvqueue.gpu.results import RequestResult, RequestStatus
@@ -243,22 +242,11 @@ def check_live_engine(settings: Settings) -> None:
 def _completed(
     base: dict[str, Any], execution: Execution, queue_wait_ms: float, used_blocks: int
 ) -> RequestResult:
-    ttft = ttft_ms(queue_wait_ms, execution.prefill_ms)
-    e2e = end_to_end_ms(ttft, execution.decode_ms)
     return RequestResult(
         status=RequestStatus.COMPLETED,
         finish_ms=base["start_ms"] + execution.service_ms,
-        queue_wait_ms=queue_wait_ms,
-        prefill_ms=execution.prefill_ms,
-        decode_ms=execution.decode_ms,
-        ttft_ms=ttft,
-        e2e_ms=e2e,
-        hit_blocks=execution.allocation.num_hit_blocks,
-        decode_tokens=execution.decode_tokens,
-        decode_source=execution.decode_source,
-        evictions=execution.allocation.num_evicted,
         cache_used_blocks=used_blocks,
-        tpot_ms=tpot_ms(ttft, e2e, execution.decode_tokens),
+        **execution.result_fields(queue_wait_ms),
         **base,
     )
 

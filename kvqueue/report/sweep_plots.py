@@ -17,12 +17,13 @@ SLO — where the policies part ways — or the lowest rate tested when none doe
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.ticker import FuncFormatter, PercentFormatter
 
 from kvqueue.report.style import (
@@ -166,71 +167,87 @@ def cells_at(result: Mapping[str, Any], rate: float) -> dict[str, dict[str, Any]
     }
 
 
+# A line per strategy, drawn from its cell at the reference rate; False when it has nothing.
+LineDrawer = Callable[[Axes, str, Mapping[str, Any], str], bool]
+
+
+def plot_at_reference_rate(
+    result: Mapping[str, Any],
+    path: str | Path,
+    title: str,
+    draw: LineDrawer,
+    empty: str,
+    ylim: float,
+    labels: tuple[str, str],
+    finish_x: Callable[[Axes, list[Mapping[str, Any]]], None] | None = None,
+) -> Path:
+    """One line per strategy from its cell at the reference rate (`draw` says whether it drew
+    one), the y axis in percent up to `ylim`, a legend — or the `empty` note when no strategy
+    had anything to draw. `finish_x` sets up the x axis once every line is drawn."""
+    rate = reference_rate(result)
+    cells = cells_at(result, rate)
+    colors = strategy_colors(list(result["meta"]["strategies"]))
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        drawn = [draw(ax, name, cell, colors[name]) for name, cell in cells.items()]
+        if finish_x is not None:
+            finish_x(ax, list(cells.values()))
+        ax.set_ylim(0, ylim)
+        ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
+        ax.set_xlabel(labels[0])
+        ax.set_ylabel(labels[1])
+        ax.set_title(f"{title} at {format_rate(rate)} req/s")
+        if any(drawn):
+            ax.legend(loc="best", fontsize=9)
+        else:
+            note(ax, empty)
+        return finish_figure(fig, path, subtitle(result))
+
+
 def plot_quantile_cdf(
     result: Mapping[str, Any], key: str, path: str | Path, title: str, xlabel: str
 ) -> Path:
     """CDF of `key` (``ttft_quantiles`` / ``tpot_quantiles``) per strategy at the reference rate."""
-    rate = reference_rate(result)
-    cells = cells_at(result, rate)
-    colors = strategy_colors(list(result["meta"]["strategies"]))
-    with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(7.5, 4.8))
-        drawn = False
-        for name, cell in cells.items():
-            values = cell[key]
-            if not values:
-                continue
-            ax.plot(
-                values, np.linspace(0, 1, len(values)), color=colors[name], linewidth=2, label=name
-            )
-            drawn = True
-        if spans_decades([v for c in cells.values() for v in c[key]]):
+
+    def draw(ax: Axes, name: str, cell: Mapping[str, Any], color: str) -> bool:
+        values = cell[key]
+        if values:
+            ax.plot(values, np.linspace(0, 1, len(values)), color=color, linewidth=2, label=name)
+        return bool(values)
+
+    def finish_x(ax: Axes, cells: list[Mapping[str, Any]]) -> None:
+        if spans_decades([v for c in cells for v in c[key]]):
             ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(ms_formatter))
-        ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
-        ax.set_ylim(0, 1.02)
-        ax.set_xlabel(f"{xlabel} (simulated)")
-        ax.set_ylabel("completed requests (cumulative %)")
-        ax.set_title(f"{title} at {format_rate(rate)} req/s")
-        if drawn:
-            ax.legend(loc="best", fontsize=9)
-        else:
-            note(ax, "no completed requests")
-        return finish_figure(fig, path, subtitle(result))
+
+    labels = (f"{xlabel} (simulated)", "completed requests (cumulative %)")
+    return plot_at_reference_rate(
+        result, path, title, draw, "no completed requests", 1.02, labels, finish_x
+    )
 
 
 def plot_kv_usage(result: Mapping[str, Any], path: str | Path) -> Path:
     """Mean KV usage of each strategy's workers over time, at the reference rate."""
-    rate = reference_rate(result)
-    cells = cells_at(result, rate)
-    colors = strategy_colors(list(result["meta"]["strategies"]))
-    with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(7.5, 4.8))
-        drawn = False
-        for name, cell in cells.items():
-            timeline = cell.get("kv_usage_timeline")
-            if not timeline:
-                continue
+
+    def draw(ax: Axes, name: str, cell: Mapping[str, Any], color: str) -> bool:
+        timeline = cell.get("kv_usage_timeline")
+        if timeline:
             share = f"mean {100 * cell['kv_usage_mean']:.0f}% over time"
             ax.step(
                 np.asarray(timeline["t_ms"]) / 1000.0,
                 np.asarray(timeline["mean"]),
                 where="post",
-                color=colors[name],
+                color=color,
                 linewidth=2,
                 label=f"{name} ({share}, one GPU's peak {100 * cell['kv_usage_max']:.0f}%)",
             )
-            drawn = True
-        ax.set_ylim(0, 1.05)
-        ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
-        ax.set_xlabel("time since the first arrival (simulated s)")
-        ax.set_ylabel("KV blocks pinned by running requests")
-        ax.set_title(f"KV-cache usage over time at {format_rate(rate)} req/s")
-        if drawn:
-            ax.legend(loc="best", fontsize=9)
-        else:
-            note(ax, "no engine statistics in these cells")
-        return finish_figure(fig, path, subtitle(result))
+        return bool(timeline)
+
+    labels = ("time since the first arrival (simulated s)", "KV blocks pinned by running requests")
+    return plot_at_reference_rate(
+        result, path, "KV-cache usage over time", draw, "no engine statistics in these cells",
+        1.05, labels,
+    )  # fmt: skip
 
 
 def plot_worker_load(result: Mapping[str, Any], path: str | Path) -> Path:

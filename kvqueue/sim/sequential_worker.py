@@ -14,7 +14,6 @@ from collections import deque
 
 from kvqueue.errors import KVQueueError, RequestRejected
 from kvqueue.gpu.engine_stats import EngineStats
-from kvqueue.gpu.latency import end_to_end_ms, tpot_ms, ttft_ms
 from kvqueue.gpu.load_signals import LoadSignals
 from kvqueue.gpu.results import RequestStatus
 from kvqueue.gpu.simulated_gpu import Execution, SimulatedGpu
@@ -67,9 +66,6 @@ class SequentialWorker:
         self.host.release_load(self.name, item, gpu.cache.num_used_slots, execution.decode_tokens)
         # Release emits nothing today (eviction is lazy); drained so the index never lags.
         self._apply_events()
-        queue_wait = self.start_ms - item.request.arrival_ms
-        ttft = ttft_ms(queue_wait, execution.prefill_ms)
-        e2e = end_to_end_ms(ttft, execution.decode_ms)
         self.host.record(
             item,
             self.name,
@@ -77,17 +73,8 @@ class SequentialWorker:
             RequestStatus.COMPLETED,
             start_ms=self.start_ms,
             finish_ms=now,
-            queue_wait_ms=queue_wait,
-            prefill_ms=execution.prefill_ms,
-            decode_ms=execution.decode_ms,
-            ttft_ms=ttft,
-            e2e_ms=e2e,
-            hit_blocks=execution.allocation.num_hit_blocks,
-            decode_tokens=execution.decode_tokens,
-            decode_source=execution.decode_source,
-            evictions=execution.allocation.num_evicted,
             cache_used_blocks=self.cache_used_blocks,
-            tpot_ms=tpot_ms(ttft, e2e, execution.decode_tokens),
+            **execution.result_fields(self.start_ms - item.request.arrival_ms),
         )
         stats = self.stats
         stats.record_gap_series(
