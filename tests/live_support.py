@@ -28,6 +28,7 @@ from rq.serializers import JSONSerializer
 from kvqueue import keys
 from kvqueue.gpu.events import CacheEvent, decode_event
 from kvqueue.live.cluster import LocalCluster
+from kvqueue.live.jobs import SNAPSHOT_FUNCTION
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
@@ -95,9 +96,8 @@ def start_cluster(
     env: Mapping[str, str] | None = None,
     log_dir: Path | None = None,
 ) -> LocalCluster:
-    """Real `rq worker -w workers.KVWorker worker-<i>` processes; `worker_probe` importable."""
-    worker_env = {"PYTHONPATH": str(TESTS_DIR), **(env or {})}
-    return LocalCluster(url, num_workers, env=worker_env, prefix=prefix, log_dir=log_dir).start(
+    """Real `rq worker -w workers.KVWorker worker-<i>` processes."""
+    return LocalCluster(url, num_workers, env=env, prefix=prefix, log_dir=log_dir).start(
         timeout_s=30
     )
 
@@ -156,9 +156,10 @@ def events_by_worker(client: redis.Redis, prefix: str) -> dict[str, list[CacheEv
 
 
 def cache_snapshot(client: redis.Redis, worker: str, timeout_s: float = 20.0) -> dict:
-    """Ask the worker process itself for its cached hashes (see `worker_probe`)."""
+    """Ask the worker process itself for its cached hashes (`kvqueue.live.worker.cache_snapshot`,
+    queued behind every request before it, answered from the process's own memory)."""
     queue = Queue(keys.queue_name(worker), connection=client, serializer=JSONSerializer)
-    job = queue.enqueue("worker_probe.cache_snapshot", result_ttl=600)
+    job = queue.enqueue(SNAPSHOT_FUNCTION, result_ttl=600)
     deadline = time.monotonic() + timeout_s
     while True:
         status = job.get_status(refresh=True)

@@ -28,6 +28,10 @@ ENV_EXAMPLES = {
     "KVQ_LATENCY": ("calibrated", "calibrated"),
     "KVQ_MAX_NUM_BATCHED_TOKENS": ("4096", 4096),
     "KVQ_MAX_NUM_SEQS": ("64", 64),
+    "KVQ_RUN_TTL": ("3600", 3600.0),
+    "KVQ_EVENTS_MAXLEN": ("500", 500),
+    "KVQ_ON_WORKER_DEATH": ("fail", "fail"),
+    "KVQ_MAX_OUTSTANDING": ("4", 4),
 }
 
 

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
+from kvqueue.gpu.results import RequestStatus
 from kvqueue.live.run import LiveRun
 from kvqueue.report.metrics import summarize
 
+NUM_REASONS = 3
+
 
 def run_summary(run: LiveRun) -> dict[str, Any]:
-    """Run id, strategy and `summarize` of the run's results over its workers."""
-    return {"run_id": run.sent.run_id, "strategy": run.sent.strategy} | summarize(
-        run.results, run.workers
+    """Run id, strategy, `sent`, `summarize` of the run's results over its workers, and what
+    recovery did. ``sent == completed + rejected + failed`` (one result per request)."""
+    failures = Counter(r.reason for r in run.results if r.status is RequestStatus.FAILED)
+    return (
+        {"run_id": run.sent.run_id, "strategy": run.sent.strategy, "sent": len(run.results)}
+        | summarize(run.results, run.workers)
+        | {
+            "failure_reasons": dict(failures.most_common(NUM_REASONS)),
+            "rerouted": run.recovery.rerouted,
+            "dead_workers": list(run.recovery.dead_workers),
+        }
     )
 
 
@@ -27,12 +39,19 @@ def format_summary(summary: dict[str, Any]) -> str:
     e2e = summary["e2e_ms"]
     lines = [
         f"run {summary['run_id']}  strategy {summary['strategy']}",
-        f"  completed {summary['completed']}  rejected {summary['rejected']}  "
-        f"failed {summary['failed']}  hit rate {'-' if hit is None else f'{hit:.1%}'}",
+        f"  sent {summary['sent']}  completed {summary['completed']}  rejected "
+        f"{summary['rejected']}  failed {summary['failed']}  hit rate "
+        f"{'-' if hit is None else f'{hit:.1%}'}",
         f"  TTFT ms  mean {ms(ttft, 'mean')}  p50 {ms(ttft, 'p50')}  p90 {ms(ttft, 'p90')}  "
         f"p99 {ms(ttft, 'p99')}",
         f"  e2e ms   mean {ms(e2e, 'mean')}  p50 {ms(e2e, 'p50')}  p99 {ms(e2e, 'p99')}",
         "  per worker: "
         + ", ".join(f"{w} {row['requests']}" for w, row in summary["per_worker"].items()),
     ]
+    if summary.get("dead_workers"):
+        lines.append(
+            f"  dead workers: {', '.join(summary['dead_workers'])}  rerouted {summary['rerouted']}"
+        )
+    for reason, count in summary.get("failure_reasons", {}).items():
+        lines.append(f"  failed ×{count}: {reason}")
     return "\n".join(lines)

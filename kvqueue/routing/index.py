@@ -36,6 +36,9 @@ class PrefixIndex(Protocol):
     def clear(self, worker: str) -> None:
         """`worker` caches nothing (its pending marks stay until stored or expired)."""
 
+    def forget(self, worker: str) -> None:
+        """`worker` is gone: it caches nothing and its pending marks are dropped too."""
+
     def mark_pending(self, worker: str, block_hashes: Sequence[BlockHash], ttl_ms: float) -> None:
         """Count `block_hashes` as held by `worker` for `ttl_ms` or until stored."""
 
@@ -152,6 +155,14 @@ class InMemoryIndex:
         holdings = self._workers.get(worker)
         if holdings is not None:
             holdings.cached.clear()
+
+    def forget(self, worker: str) -> None:
+        self.clear(worker)
+        for block_hash in [h for h, marks in self._pending.items() if worker in marks]:
+            marks = self._pending[block_hash]
+            del marks[worker]
+            if not marks:
+                del self._pending[block_hash]
 
     def mark_pending(self, worker: str, block_hashes: Sequence[BlockHash], ttl_ms: float) -> None:
         if block_hashes:

@@ -35,6 +35,8 @@ class Decision:
     estimated_ms: float = 0.0
     # The worker had nothing outstanding when the router looked: the request starts at once.
     worker_idle: bool = False
+    # Requests outstanding on the worker (queued and in service) when the router looked.
+    worker_outstanding: int = 0
 
 
 def load_tokens(request: Request) -> int:
@@ -67,7 +69,16 @@ def estimate_service_ms(
 class RouterState(Protocol):
     def view(self, request: Request, take_ticket: bool) -> RouterView: ...
 
-    def commit(self, request: Request, decision: Decision, pipeline: Any = None) -> None: ...
+    def commit(
+        self,
+        request: Request,
+        decision: Decision,
+        pipeline: Any = None,
+        job_id: str | None = None,
+        run_id: str = "",
+    ) -> None:
+        """Mark the request's chain pending on the chosen worker and add it to its load; a
+        `job_id` names the job whose end releases that load (the live pipeline's records)."""
 
     def complete(
         self,
@@ -107,7 +118,15 @@ class Router:
             load_tokens(request),
             estimate_service_ms(request, matched, view, self.latency),
             worker_idle=view.load(worker).requests == 0,
+            worker_outstanding=view.load(worker).requests,
         )
 
-    def commit(self, request: Request, decision: Decision, pipeline: Any = None) -> None:
-        self.state.commit(request, decision, pipeline)
+    def commit(
+        self,
+        request: Request,
+        decision: Decision,
+        pipeline: Any = None,
+        job_id: str | None = None,
+        run_id: str = "",
+    ) -> None:
+        self.state.commit(request, decision, pipeline, job_id=job_id, run_id=run_id)
