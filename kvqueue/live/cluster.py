@@ -110,6 +110,10 @@ class LocalCluster:
     def pid(self, worker: str) -> int:
         return self._processes[worker].pid
 
+    def running(self) -> list[str]:
+        """The workers whose process is still running."""
+        return [w for w, p in self._processes.items() if p.poll() is None]
+
     def kill(self, worker: str, sig: int = signal.SIGKILL) -> None:
         """Send `sig` to one worker (SIGKILL: it dies at once, telling nobody)."""
         process = self._processes[worker]
