@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvqueue.config import Settings
 from kvqueue.errors import KVQueueError
-from kvqueue.live.connection import connect, redact, scrub
+from kvqueue.live.connection import check_access, connect, redact, scrub
 from kvqueue.live.producer import Producer, new_run_id
 from kvqueue.live.run import fit_warning, run_live
 from kvqueue.report.run_summary import format_summary, run_summary
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         url = settings.redis_url
         requests, meta = build_requests(args, settings.hash_seed, settings.tokenizer)
         client = connect(settings.redis_url)
+        check_access(client, settings.redis_url, settings.key_prefix)
         workers = Producer(client, settings).require_workers()
         warning = fit_warning(client, settings, requests, workers)
         if warning:
@@ -73,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
     except (KVQueueError, ValueError, PermissionError) as exc:
         print(f"send.py: {scrub(str(exc), url)}", file=sys.stderr)
+        return EXIT_INVALID
+    except redis.exceptions.NoPermissionError as exc:
+        print(f"send.py: Redis refused a command kvqueue needs during run {run_id} "
+              f"({scrub(str(exc), url)}); grant the rights in docs/reliability.md (ACL)",
+              file=sys.stderr)  # fmt: skip
         return EXIT_INVALID
     except redis.RedisError as exc:
         print(

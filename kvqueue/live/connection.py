@@ -107,19 +107,45 @@ def connect(url: str, check: bool = True) -> redis.Redis:
     return client
 
 
-# Runs nothing and touches nothing: Redis checks the command and the declared keys against
-# the user's ACL before it runs a script, so a refusal here means a refusal later.
-_ACCESS_PROBE = "return 1"
+# Touches nothing. Redis checks EVAL and its declared keys against the user's ACL before it
+# runs a script; inside, `redis.acl_check_cmd` (Redis >= 7) asks whether the user could run
+# each command kvqueue's scripts and RQ run, on keys like theirs, without running it.
+_ACCESS_PROBE = """
+-- KEYS[1] = a kvqueue key, KEYS[2] = an RQ queue, KEYS[3] = an RQ job
+if not redis.acl_check_cmd then return {} end
+local needed = {
+  {'TIME'}, {'GET', KEYS[1]}, {'INCR', KEYS[1]}, {'DEL', KEYS[1]}, {'EXISTS', KEYS[1]},
+  {'PEXPIRE', KEYS[1], '1'}, {'PEXPIREAT', KEYS[1], '1'}, {'PERSIST', KEYS[1]},
+  {'HSET', KEYS[1], 'f', 'v'}, {'HSETNX', KEYS[1], 'f', 'v'}, {'HGETALL', KEYS[1]},
+  {'HINCRBY', KEYS[1], 'f', '1'}, {'HINCRBYFLOAT', KEYS[1], 'f', '1'}, {'HDEL', KEYS[1], 'f'},
+  {'SADD', KEYS[1], 'm'}, {'SMEMBERS', KEYS[1]}, {'ZADD', KEYS[1], '1', 'm'},
+  {'ZRANGEBYSCORE', KEYS[1], '0', '1'}, {'XADD', KEYS[1], '*', 'f', 'v'},
+  {'XRANGE', KEYS[1], '-', '+'}, {'RPUSH', KEYS[2], 'v'}, {'LREM', KEYS[2], '1', 'v'},
+  {'HSET', KEYS[3], 'f', 'v'},
+}
+local denied = {}
+for _, command in ipairs(needed) do
+  if not redis.acl_check_cmd(unpack(command)) then denied[#denied + 1] = command[1] end
+end
+return denied
+"""
 
 
 def check_access(client: redis.Redis, url: str, prefix: str = keys.DEFAULT_PREFIX) -> None:
-    """Raise `AccessDeniedError` (one line) if the user may not run Lua scripts on kvqueue's
-    keys and RQ's. Writes nothing."""
-    probe_keys = [keys.workers(prefix), "rq:queue:kvqueue-access-probe", "rq:job:probe"]
+    """Raise `AccessDeniedError` (one line) if the user may not run what kvqueue and RQ run
+    on their keys: Lua scripts, and the commands in them. Writes nothing."""
+    probe_keys = [keys.workers(prefix), "rq:queue:kvqueue-access-probe", "rq:job:kvqueue-probe"]
+    who = f"Redis user {user_of(url)!r} at {redact(url)}"
     try:
-        client.eval(_ACCESS_PROBE, len(probe_keys), *probe_keys)
+        denied = client.eval(_ACCESS_PROBE, len(probe_keys), *probe_keys)
     except redis.exceptions.NoPermissionError as exc:
         raise AccessDeniedError(
-            f"Redis user {user_of(url)!r} at {redact(url)} may not do what kvqueue needs "
-            f"({exc}); grant the rights in docs/reliability.md (ACL)"
+            f"{who} may not run kvqueue's Lua scripts ({exc}); grant the rights in "
+            "docs/reliability.md (ACL)"
         ) from None
+    if denied:
+        names = ", ".join(sorted({d.decode() if isinstance(d, bytes) else str(d) for d in denied}))
+        raise AccessDeniedError(
+            f"{who} may not run {names} on kvqueue's keys ({prefix}*, rq:*); grant the "
+            "rights in docs/reliability.md (ACL)"
+        )

@@ -85,6 +85,8 @@ class EmbeddedRedis:
             try:
                 client.ping()
                 return self
+            except (redis.AuthenticationError, redis.ResponseError):
+                return self  # it answers, and wants a password (`server_args`)
             except redis.ConnectionError:
                 if self._process.poll() is not None or time.monotonic() > deadline:
                     self.stop()

@@ -92,6 +92,8 @@ class Producer:
         self.results = ResultWriter(client, self.prefix, settings.run_ttl_s)
         self.recovery = Recovery(client, settings)
         self._queues: dict[str, Queue] = {}
+        self._started: float | None = None  # epoch seconds, once `start_run` claimed the run
+        self._gpus: list[SimulatedGpu] = []
 
     def live_workers(self) -> list[str]:
         workers = self.membership.live_workers(self.settings.heartbeat_ttl_s)
@@ -108,6 +110,29 @@ class Producer:
             )
         return workers
 
+    def start_run(self, requests: Sequence[Request], meta: dict | None = None) -> None:
+        """Check the Redis user's rights, settle dead workers, find the live ones and claim the
+        run id; raises before anything of the run is written. `send` calls it if need be."""
+        check_access(self.client, self.settings.redis_url, self.prefix)
+        self.recovery.reap_expired()
+        workers = self.require_workers()
+        self._gpus = self._worker_gpus(workers)
+        self._started = time.time()
+        claim_run(
+            self.client,
+            self.run_id,
+            {
+                "strategy": self.strategy,
+                "num_requests": len(requests),
+                "workers": workers,
+                "time_scale": self.settings.time_scale,
+                "started_at": self._started,
+                **(meta or {}),
+            },
+            self.prefix,
+            self.settings.run_ttl_s,
+        )
+
     def send(
         self,
         requests: Sequence[Request],
@@ -116,26 +141,11 @@ class Producer:
     ) -> SentRun:
         """Route and enqueue every request at its arrival time. Nothing is sent without workers,
         without the rights kvqueue needs, or under a run id already in use."""
-        check_access(self.client, self.settings.redis_url, self.prefix)
-        self.recovery.reap_expired()
-        workers = self.require_workers()
-        gpus = self._worker_gpus(workers)
+        if self._started is None:
+            self.start_run(requests, meta)
+        started, gpus = self._started, self._gpus
+        assert started is not None
         scale = self.settings.time_scale
-        started = time.time()
-        claim_run(
-            self.client,
-            self.run_id,
-            {
-                "strategy": self.strategy,
-                "num_requests": len(requests),
-                "workers": workers,
-                "time_scale": scale,
-                "started_at": started,
-                **(meta or {}),
-            },
-            self.prefix,
-            self.settings.run_ttl_s,
-        )
         job_ids: dict[str, str] = {}
         for position, request in enumerate(requests):
             delay = started + request.arrival_ms * scale / 1000.0 - time.time()

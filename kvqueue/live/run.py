@@ -44,6 +44,7 @@ def run_live(
     """Send `requests`; with `wait`, block until each has a result (failed ones included)."""
     producer = Producer(client, settings, strategy, run_id)
     workers = producer.require_workers()
+    producer.start_run(requests, meta)  # before any progress bar: a refusal is one line
     label = f"{producer.strategy:>14}"
     with tqdm(total=len(requests), desc=f"{label} sent", disable=not progress, leave=False) as bar:
         sent = producer.send(requests, meta, on_sent=lambda: bar.update(1))

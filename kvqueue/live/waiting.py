@@ -99,12 +99,12 @@ def _failed_jobs(
     for request_id, status in zip(request_ids, statuses, strict=True):
         job_id = job_ids[request_id]
         if status is None:
-            ended.append((request_id, f"its RQ job {job_id} disappeared without a result"))
+            ended.append((request_id, "its RQ job disappeared without a result"))
         elif status == JobStatus.FAILED.value:
-            ended.append((request_id, f"RQ job {job_id} failed: {_rq_error(client, job_id)}"))
+            ended.append((request_id, f"RQ failed its job: {_rq_error(client, job_id)}"))
         elif timed_out:
             ended.append(
-                (request_id, f"no result within {timeout_s:g} s (RQ job {job_id} is {status})")
+                (request_id, f"no result within {timeout_s:g} s (its RQ job was {status})")
             )
     return ended
 
