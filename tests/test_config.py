@@ -176,3 +176,21 @@ def test_engine_settings_build_the_engine_and_its_vllm_limits():
 def test_bad_engine_settings_are_rejected_naming_the_value(env, message):
     with pytest.raises(ConfigError, match=message):
         Settings.from_env(env)
+def test_what_to_do_with_a_dead_workers_queue_is_reroute_or_fail() -> None:
+    assert Settings().on_worker_death == "reroute"
+    with pytest.raises(
+        ConfigError, match="on_worker_death must be one of reroute, fail, got 'drop'"
+    ):
+        Settings.from_env({"KVQ_ON_WORKER_DEATH": "drop"})
+
+
+@pytest.mark.parametrize("field", ["run_ttl_s", "events_maxlen"])
+def test_run_data_and_the_event_stream_are_always_bounded(field) -> None:
+    with pytest.raises(ConfigError, match=f"{field} must be positive, got 0"):
+        Settings(**{field: 0})
+
+
+def test_max_outstanding_must_admit_a_request() -> None:
+    assert Settings().max_outstanding is None  # the default queues without bound
+    with pytest.raises(ConfigError, match="max_outstanding must be >= 1, got 0"):
+        Settings.from_env({"KVQ_MAX_OUTSTANDING": "0"})
