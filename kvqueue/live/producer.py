@@ -42,7 +42,7 @@ from kvqueue.routing.router import START_WORKER_HINT, Decision, Router
 from kvqueue.routing.state import RedisRouterState
 from kvqueue.routing.view import worker_order
 
-JOB_RESULT_TTL_S = 3600
+JOB_RESULT_TTL_S = 600  # RQ keeps a finished job 10 min (kvqueue's result is in the run)
 JOB_FAILURE_TTL_S = 24 * 3600
 BACKPRESSURE_POLL_S = 0.005
 

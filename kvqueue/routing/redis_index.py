@@ -29,7 +29,7 @@ from kvqueue.gpu.events import (
 from kvqueue.gpu.hashing import BlockHash, from_hex, to_hex
 from kvqueue.routing import scripts
 
-DEFAULT_EVENTS_MAXLEN = 10_000  # entries; see docs/reliability.md for the bytes it comes to
+DEFAULT_EVENTS_MAXLEN = 1_000  # entries; docs/reliability.md has the bytes they come to
 HASH_BYTES = 32  # SHA-256; the scripts cut the concatenated hex every 64 characters
 
 
