@@ -17,7 +17,8 @@ and at its largest: a 512-block prompt's `stored` event), times the cap.
 
 Usage::
 
-    python bench/bench_faults.py [--scale 0.05] [--heartbeat-ttl 3] [--scenarios kill,...]
+    python bench/bench_faults.py [--scale 0.05] [--heartbeat-ttl 3] [--requests 60]
+        [--scenarios kill,kill-spread,...] [--memory-requests 1000] [--quick]
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain
 
 import orjson
 import redis
+from bench_args import parse_args
 
 from kvqueue import keys
 from kvqueue.config import Settings
@@ -55,6 +57,7 @@ from kvqueue.workloads.synthetic import make_workload
 
 PREFIX = keys.DEFAULT_PREFIX
 OUTPUT_TOKENS = 200
+QUICK = {"scenarios": "kill,plain-rq", "heartbeat_ttl": 1.0, "requests": 12, "memory_requests": 40}
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +76,7 @@ class Bench:
     client: redis.Redis
     scale: float
     heartbeat_ttl_s: float
+    num_requests: int
     log_dir: Path | None = None
 
     def settings(self, **overrides: object) -> Settings:
@@ -134,10 +138,11 @@ def kill_mid_run(bench: Bench, spacing_ms: float) -> Row:
 
     started = time.time()
     try:
+        count = bench.num_requests
         if spacing_ms:
-            sent = producer.send(long_requests(60, spacing_ms), on_sent=lambda: kill(1.0))
+            sent = producer.send(long_requests(count, spacing_ms), on_sent=lambda: kill(1.0))
         else:
-            sent = producer.send(long_requests(60))
+            sent = producer.send(long_requests(count))
             wait_until(lambda: serving(bench.client, "worker-1"))
             kill(0.0)
         results = wait_for_results(bench.client, run_id, sent.job_ids, PREFIX, timeout_s=120,
@@ -145,7 +150,7 @@ def kill_mid_run(bench: Bench, spacing_ms: float) -> Row:
     finally:
         cluster.stop()
     stats = producer.recovery.stats
-    how = "one request every 100 ms" if spacing_ms else "60 sent at once"
+    how = "one request every 100 ms" if spacing_ms else "all sent at once"
     return Row(
         f"SIGKILL 1 of 3 workers ({how})",
         results,
@@ -181,7 +186,7 @@ def restart_under_the_same_name(bench: Bench) -> Row:
     cluster = bench.cluster(2)
     producer = Producer(bench.client, bench.settings(), run_id="restart")
     try:
-        sent = producer.send(long_requests(20))
+        sent = producer.send(long_requests(max(6, bench.num_requests // 3)))
         wait_until(lambda: serving(bench.client, "worker-1"))
         fault = time.time()
         cluster.kill("worker-1")
@@ -209,7 +214,11 @@ def redis_outage(bench: Bench, keep_data: bool) -> Row:
     run_id = "outage" if keep_data else "emptied"
     producer = Producer(bench.client, settings, run_id=run_id)
     try:
-        workload = long_requests(30) if keep_data else make_workload("shared-prefix-small")
+        workload = (
+            long_requests(max(6, bench.num_requests // 2))
+            if keep_data
+            else make_workload("shared-prefix-small")
+        )
         sent = producer.send(workload)
         wait_until(lambda: all(serving(bench.client, w) for w in cluster.workers))
         fault = time.time()
@@ -315,8 +324,6 @@ def memory(bench: Bench, num_requests: int) -> list[str]:
             bench.client.scan_iter(match="rq:results:kvq-memory-*")
         ),
     }
-    lines = [f"{len(run.results):,} requests of shared-prefix-small, 2 workers:", ""]
-    lines += ["| key family | bytes/request | expires |", "|---|---:|---|"]
     expiry = {
         "results stream (kvq:results:<run>)": "KVQ_RUN_TTL after the run's last result",
         "reported set (kvq:run:<run>:reported)": "KVQ_RUN_TTL after the run's last result",
@@ -324,12 +331,15 @@ def memory(bench: Bench, num_requests: int) -> list[str]:
         "RQ job hashes (rq:job:<id>)": "10 min after the job ends (RQ result_ttl)",
         "RQ results (rq:results:<id>)": "10 min after the job ends (RQ result_ttl)",
     }
+    header = f"{'key family':<40} {'bytes/request':>13}  expires"
+    lines = [f"{len(run.results):,} requests of shared-prefix-small, 2 workers", "", header]
+    lines.append("-" * len(header))
     total = 0
     for family, names in families.items():
         size = sum(bench.client.memory_usage(name, samples=0) or 0 for name in names)
         total += size
-        lines.append(f"| {family} | {size / len(run.results):,.0f} | {expiry[family]} |")
-    lines.append(f"| total | {total / len(run.results):,.0f} | |")
+        lines.append(f"{family:<40} {size / len(run.results):>13,.0f}  {expiry[family]}")
+    lines.append(f"{'total':<40} {total / len(run.results):>13,.0f}")
     events = keys.events(PREFIX)
     per_entry = (bench.client.memory_usage(events, samples=0) or 0) / bench.client.xlen(events)
     # The largest entry kvqueue writes: a miss of an 8k-token prompt stores 512 blocks at once.
@@ -351,23 +361,21 @@ def memory(bench: Bench, num_requests: int) -> list[str]:
 
 # -- output ----------------------------------------------------------------------------------------
 def table(rows: Sequence[Row]) -> list[str]:
-    head = ("scenario", "sent", "completed", "rejected", "failed", "rerouted", "detect s",
-            "reported s", "seen")  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * 7 + "---|"]
+    header = (
+        f"{'scenario':<50} {'sent':>5} {'done':>5} {'rej':>4} {'fail':>5} {'rerouted':>8} "
+        f"{'detect s':>8} {'reported s':>10}  seen"
+    )
+    lines = [header, "-" * len(header)]
     for row in rows:
         counts = Counter(r.status for r in row.results)
-        cells = [
-            row.scenario,
-            f"{len(row.results):,}",
-            f"{counts[RequestStatus.COMPLETED]:,}",
-            f"{counts[RequestStatus.REJECTED]:,}",
-            f"{counts[RequestStatus.FAILED]:,}",
-            f"{row.rerouted:,}",
-            "-" if row.detect_s is None else f"{row.detect_s:.1f}",
-            "-" if row.reported_s is None else f"{row.reported_s:.1f}",
-            row.seen,
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+        detect = "-" if row.detect_s is None else f"{row.detect_s:.1f}"
+        reported = "-" if row.reported_s is None else f"{row.reported_s:.1f}"
+        lines.append(
+            f"{row.scenario:<50} {len(row.results):>5,} "
+            f"{counts[RequestStatus.COMPLETED]:>5,} {counts[RequestStatus.REJECTED]:>4,} "
+            f"{counts[RequestStatus.FAILED]:>5,} {row.rerouted:>8,} {detect:>8} {reported:>10}  "
+            f"{row.seen}"
+        )
     return lines
 
 
@@ -375,10 +383,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=0.05, help="wall s per simulated s")
     parser.add_argument("--heartbeat-ttl", type=float, default=3.0, help="seconds")
+    parser.add_argument("--requests", type=int, default=60, help="requests of the kill runs")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated")
     parser.add_argument("--memory-requests", type=int, default=1000, help="0 skips memory")
     parser.add_argument("--log-dir", type=Path, help="keep the workers' logs here")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv, QUICK)
+    if args.requests < 6:
+        parser.error(f"--requests must be at least 6, got {args.requests}")
     chosen = [s for s in args.scenarios.split(",") if s]
     unknown = [s for s in chosen if s not in SCENARIOS]
     if unknown:
@@ -387,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with EmbeddedRedis() as server:
         bench = Bench(server, redis.Redis.from_url(server.url), args.scale, args.heartbeat_ttl,
-                      args.log_dir)  # fmt: skip
+                      args.requests, args.log_dir)  # fmt: skip
         rows = []
         for name in chosen:
             rows.append(SCENARIOS[name](bench))

@@ -157,12 +157,7 @@ class InMemoryIndex:
             holdings.cached.clear()
 
     def forget(self, worker: str) -> None:
-        self.clear(worker)
-        for block_hash in [h for h, marks in self._pending.items() if worker in marks]:
-            marks = self._pending[block_hash]
-            del marks[worker]
-            if not marks:
-                del self._pending[block_hash]
+        self._workers.pop(worker, None)  # its cached set and its pending marks
 
     def mark_pending(self, worker: str, block_hashes: Sequence[BlockHash], ttl_ms: float) -> None:
         if block_hashes:
