@@ -6,18 +6,16 @@ real `rq worker` processes where a worker is involved, and the real Redis throug
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import redis
 from live_support import (
     FAULTS_DB,
     REPO_ROOT,
+    Lab,
     cache_snapshot,
     connect_or_fail,
     dump_tree,
@@ -42,27 +40,10 @@ from kvqueue.report.run_summary import run_summary
 from kvqueue.routing.policies.base import policy_names
 
 PREFIX = "kvqfault:"
-SEND_PY = str(REPO_ROOT / "producer" / "send.py")
 
 
-@dataclass
-class Faults:
-    url: str
-    client: redis.Redis
-    log_dir: Path
-
-    def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k != "ROUTING_STRATEGY"}
-        return env | {"REDIS_URL": self.url, "KVQ_PREFIX": PREFIX, **extra}
-
-    def send_py(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, SEND_PY, *args],
-            env=self.env(**env),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+class Faults(Lab):
+    """A `Lab` on the faults db, under this module's prefix."""
 
     def assert_nothing_sent(self) -> None:
         assert rq_queue_keys(self.client) == []
@@ -77,7 +58,7 @@ def faults(real_redis_base_url: str, tmp_path: Path) -> Iterator[Faults]:
     client = connect_or_fail(url)
     client.flushdb()
     try:
-        yield Faults(url, client, tmp_path / "worker-logs")
+        yield Faults(url, client, tmp_path / "worker-logs", {}, prefix=PREFIX)
     finally:
         client.flushdb()
         client.close()

@@ -39,7 +39,6 @@ from kvqueue.live.runs import ResultWriter, claim_run
 from kvqueue.routing.membership import RedisMembership
 from kvqueue.routing.policies.base import make_policy
 from kvqueue.routing.router import START_WORKER_HINT, Decision, Router
-from kvqueue.routing.state import RedisRouterState
 from kvqueue.routing.view import worker_order
 
 JOB_RESULT_TTL_S = 600  # RQ keeps a finished job 10 min (kvqueue's result is in the run)
@@ -77,20 +76,11 @@ class Producer:
         self.strategy = strategy or settings.strategy
         self.run_id = run_id or new_run_id()
         self.prefix = settings.key_prefix
-        self.router = Router(
-            RedisRouterState(
-                client,
-                self.prefix,
-                settings.heartbeat_ttl_s,
-                settings.pending_ttl_s,
-                time_scale=settings.time_scale,
-            ),
-            make_policy(self.strategy),
-            settings.latency_model(),
-        )
+        self.recovery = Recovery(client, settings)
+        self.state = self.recovery.state  # the router state of these settings, shared
+        self.router = Router(self.state, make_policy(self.strategy), settings.latency_model())
         self.membership = RedisMembership(client, self.prefix)
         self.results = ResultWriter(client, self.prefix, settings.run_ttl_s)
-        self.recovery = Recovery(client, settings)
         self._queues: dict[str, Queue] = {}
         self._started: float | None = None  # epoch seconds, once `start_run` claimed the run
         self._gpus: list[SimulatedGpu] = []
@@ -209,7 +199,8 @@ class Producer:
             ttl=int(self.settings.run_ttl_s),  # a job never taken expires with its run
             pipeline=pipe,
         )
-        self.router.commit(request, decision, pipeline=pipe, job_id=job_id, run_id=self.run_id)
+        # The router's commit, plus the job's load record (released when the job ends).
+        self.state.commit(request, decision, pipeline=pipe, job_id=job_id, run_id=self.run_id)
         pipe.execute()
         return job_id
 

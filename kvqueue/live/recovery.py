@@ -153,7 +153,7 @@ class Recovery:
         )
         pipe = self.client.pipeline(transaction=True)
         queue.enqueue_job(job, pipeline=pipe)  # RQ opens the MULTI: the enqueue goes first
-        router.commit(
+        self.state.commit(
             context.request, decision, pipeline=pipe, job_id=job_id, run_id=context.run_id
         )
         pipe.execute()

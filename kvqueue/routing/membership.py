@@ -138,15 +138,8 @@ class RedisMembership:
         self, worker: str, generation: int, job_id: str, fallback: JobRecord, pipeline: Any = None
     ) -> StartStatus | None:
         """Mark a job started by `generation` (see `START_JOB`); None when pipelined."""
-        p = self.prefix
         reply = self._start_job(
-            keys=[
-                keys.worker_generation(worker, p),
-                keys.worker_jobs(worker, p),
-                keys.load(p),
-                keys.load_tokens(p),
-                keys.load_work(p),
-            ],
+            keys=ledger_keys(worker, self.prefix),
             args=[worker, job_id, generation, fallback.to_json()],
             client=pipeline or self.client,
         )
@@ -193,6 +186,18 @@ class RedisMembership:
             return None
         died, jobs = reply
         return Reaped(worker, int(died), _records(jobs))
+
+
+def ledger_keys(worker: str, prefix: str) -> list[str]:
+    """A worker's generation, its jobs hash and the three load counters: the first KEYS of
+    `START_JOB` and `RELEASE_JOB`, in that order."""
+    return [
+        keys.worker_generation(worker, prefix),
+        keys.worker_jobs(worker, prefix),
+        keys.load(prefix),
+        keys.load_tokens(prefix),
+        keys.load_work(prefix),
+    ]
 
 
 def _records(flat: list[Any]) -> dict[str, JobRecord]:

@@ -69,16 +69,7 @@ def estimate_service_ms(
 class RouterState(Protocol):
     def view(self, request: Request, take_ticket: bool) -> RouterView: ...
 
-    def commit(
-        self,
-        request: Request,
-        decision: Decision,
-        pipeline: Any = None,
-        job_id: str | None = None,
-        run_id: str = "",
-    ) -> None:
-        """Mark the request's chain pending on the chosen worker and add it to its load; a
-        `job_id` names the job whose end releases that load (the live pipeline's records)."""
+    def commit(self, request: Request, decision: Decision, pipeline: Any = None) -> None: ...
 
     def complete(
         self,
@@ -121,12 +112,5 @@ class Router:
             worker_outstanding=view.load(worker).requests,
         )
 
-    def commit(
-        self,
-        request: Request,
-        decision: Decision,
-        pipeline: Any = None,
-        job_id: str | None = None,
-        run_id: str = "",
-    ) -> None:
-        self.state.commit(request, decision, pipeline, job_id=job_id, run_id=run_id)
+    def commit(self, request: Request, decision: Decision, pipeline: Any = None) -> None:
+        self.state.commit(request, decision, pipeline)

@@ -18,7 +18,7 @@ from kvqueue.gpu.load_signals import LoadSignals
 from kvqueue.gpu.request import Request
 from kvqueue.routing import worker_scripts
 from kvqueue.routing.index import InMemoryIndex, apply_events
-from kvqueue.routing.membership import JobRecord
+from kvqueue.routing.membership import JobRecord, ledger_keys
 from kvqueue.routing.redis_index import RedisIndex
 from kvqueue.routing.router import Decision
 from kvqueue.routing.view import RouterView, WorkerLoad, worker_order
@@ -170,16 +170,7 @@ class RedisRouterState:
     ) -> bool | None:
         p = self.prefix
         reply = self._release_job(
-            keys=[
-                keys.worker_generation(worker, p),
-                keys.worker_jobs(worker, p),
-                keys.load(p),
-                keys.load_tokens(p),
-                keys.load_work(p),
-                keys.load_since(p),
-                keys.usage(p),
-                keys.output_stats(p),
-            ],
+            keys=[*ledger_keys(worker, p), keys.load_since(p), keys.usage(p), keys.output_stats(p)],
             args=[
                 worker,
                 job_id,
@@ -266,16 +257,7 @@ class InMemoryRouterState:
             self._declared / self._routed if self._routed else None,
         )
 
-    def commit(
-        self,
-        request: Request,
-        decision: Decision,
-        pipeline: Any = None,
-        job_id: str | None = None,
-        run_id: str = "",
-    ) -> None:
-        """As `RedisRouterState.commit`; the simulator ends every job itself, so it keeps no
-        job records (`job_id` and `run_id` are accepted and unused)."""
+    def commit(self, request: Request, decision: Decision, pipeline: Any = None) -> None:
         self.index.mark_pending(decision.worker, request.block_hashes, self.pending_ttl_ms)
         if self.requests[decision.worker] == 0:  # Redis relies on decision.worker_idle
             self.busy_since[decision.worker] = self.clock()
