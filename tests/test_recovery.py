@@ -296,3 +296,20 @@ def test_after_redis_restarts_empty_workers_announce_their_caches_and_the_tree_f
     holders = tree_holders(tree)
     for worker in workers:
         assert holders[worker] == cached[worker]
+
+
+def test_a_second_process_under_a_workers_name_takes_over_and_the_first_one_stops(
+    lab: Lab,
+) -> None:
+    first = lab.cluster(1)
+    old_pid = first.pid("worker-0")
+    second = lab.cluster(1)  # the same name, worker-0: a newer generation
+    wait_until(lambda: first.running() == [], what="the first process to stop")
+    run = run_live(lab.client, lab.settings(), make_workload("shared-prefix-tiny", 4),
+                   progress=False)  # fmt: skip
+
+    info = lab.client.hgetall(keys.worker_info("worker-0", lab.prefix))
+    assert (info[b"generation"], info[b"pid"]) == (b"2", str(second.pid("worker-0")).encode())
+    assert second.pid("worker-0") != old_pid
+    assert statuses(run.results) == {RequestStatus.COMPLETED: 4}
+    assert_no_load_left(lab, ["worker-0"])

@@ -105,6 +105,7 @@ class GpuRuntime:
         self.results = ResultWriter(client, self.prefix, settings.run_ttl_s)
         self.generation = 0
         self.jobs_begun = 0  # jobs `begin` has counted: RQ's side can tell whether one began
+        self._in_service: set[str] = set()  # job ids between `begin` and `finish`
         self.on_superseded = on_superseded
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -139,6 +140,8 @@ class GpuRuntime:
             )
             previous, self.generation = self.generation, registration.generation
             for job_id, record in registration.orphans.items():
+                if job_id in self._in_service:
+                    continue  # this process is serving it still: it ends with its own result
                 reason = (
                     f"worker {self.name} (generation {record.generation}) stopped while "
                     f"serving it; the name is now generation {self.generation}"
@@ -176,13 +179,27 @@ class GpuRuntime:
         failing = False
         while not self._stop.wait(interval):
             try:
-                status = self.membership.heartbeat(self.name, self.generation)
+                if self.membership.heartbeat(self.name, self.generation) is HeartbeatStatus.OK:
+                    failing = False
+                    continue
+                self._heartbeat_trouble()
             except REDIS_OUTAGE_ERRORS as exc:
                 if not failing:
                     log.warning("%s: heartbeat failed: %s (retrying)", self.name, exc)
                 failing = True
-                continue
-            failing = False
+            except Exception:  # the next heartbeat tries again
+                log.exception("%s: could not register again", self.name)
+            else:
+                failing = False
+
+    def _heartbeat_trouble(self) -> None:
+        """A heartbeat was refused. Ask again under the lock — the job path may have just
+        registered a new generation (one new generation, not two; and not mistaken for
+        another process) — then register anew, or stop if another process took the name."""
+        with self._lock:
+            status = self.membership.heartbeat(self.name, self.generation)
+            if status is HeartbeatStatus.OK:
+                return
             if status is HeartbeatStatus.SUPERSEDED:
                 log.error(
                     "%s: another process registered this name; this one (generation %d) stops",
@@ -193,16 +210,12 @@ class GpuRuntime:
                 if self.on_superseded is not None:
                     self.on_superseded()
                 return
-            if status is not HeartbeatStatus.OK:
-                why = (
-                    "Redis lost its registration"
-                    if status is HeartbeatStatus.LOST
-                    else ("it was declared dead (heartbeat expired)")
-                )
-                try:
-                    self.register(why)
-                except Exception:  # the next heartbeat tries again
-                    log.exception("%s: could not register again", self.name)
+            lost = status is HeartbeatStatus.LOST
+            self.register(
+                "Redis lost its registration"
+                if lost
+                else "it was declared dead (heartbeat expired)"
+            )
 
     # -- one job -------------------------------------------------------------------------
     def serve(self, job_id: str, context: JobContext) -> RequestResult | None:
@@ -249,6 +262,7 @@ class GpuRuntime:
                 self._retry(lambda: self.state.release(self.name, job_id), job_id)
                 log.info("%s: %s already has a result; not served", self.name, request.request_id)
                 return None
+            self._in_service.add(job_id)
             try:
                 execution = self.gpu.start(request)
             except RequestRejected as rejection:
@@ -286,6 +300,7 @@ class GpuRuntime:
                 pipe.execute()
 
             self._retry(publish, job_id)
+            self._in_service.discard(job_id)
 
     def fail(self, job_id: str, context: JobContext, reason: str) -> RequestResult:
         """End a job whose serving raised: a failed result with the reason."""
