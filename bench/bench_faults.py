@@ -157,7 +157,7 @@ def kill_mid_run(bench: Bench, spacing_ms: float) -> Row:
         stats.rerouted,
         stats.detected_at["worker-1"] - killed[0],
         last_result_at(bench.client, run_id) - killed[0],
-        f"exit status of send.py: {1 if any_failed(results) else 0}",
+        f"send.py --wait would exit {1 if any_failed(results) else 0}",
     )
 
 
@@ -235,16 +235,15 @@ def redis_outage(bench: Bench, keep_data: bool) -> Row:
                            run_id="after", progress=False)  # fmt: skip
             results = nxt.results
             seen = (
-                f"caches re-announced {announced:.1f} s after; router sees {visible_now:.0%} of "
-                f"cached blocks then, {visible_share(bench, cluster):.0%} after the next run "
-                f"(results of that run below)"
+                f"caches re-announced {announced:.1f} s after; the tree shows {visible_now:.0%} "
+                f"of the cached blocks then, {visible_share(bench, cluster):.0%} after the next run"
             )
         alive = len(cluster.running())
     finally:
         cluster.stop()
     reported = last_result_at(bench.client, run_id) - fault if keep_data else None
     return Row(
-        "Redis down 2 s, data kept" if keep_data else "Redis restarted empty mid-run",
+        "Redis down 2 s, data kept" if keep_data else "Redis restarted empty: the next run",
         results,
         reported_s=reported,
         seen=f"workers alive: {alive}/3; {seen}".rstrip("; "),
@@ -285,8 +284,8 @@ def overload_with_a_timeout(bench: Bench) -> Row:
         "1,000 requests at once into 2 workers, 5 s timeout",
         results,
         reported_s=ended,
-        seen="reported s: from the first request sent; the rest failed "
-        f'"{next((r.reason for r in results if r.status is RequestStatus.FAILED), "")}"',
+        seen="reported s: from the first request sent; the others failed: "
+        + ", ".join(sorted({r.reason.split(" (")[0] for r in results if r.reason})),
     )
 
 
