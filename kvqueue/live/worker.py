@@ -235,6 +235,13 @@ class KVWorker(SimpleWorker):
         except REDIS_OUTAGE_ERRORS as exc:
             log.warning("%s: RQ heartbeat failed: %s", self.gpu_name, exc)
 
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        # RQ marks itself idle on entering its dequeue loop, outside that loop's own retries.
+        try:
+            super().set_state(state, pipeline=pipeline)
+        except REDIS_OUTAGE_ERRORS as exc:
+            log.warning("%s: could not record RQ state %s: %s", self.gpu_name, state, exc)
+
     def check_for_suspension(self, burst: bool) -> None:
         try:
             super().check_for_suspension(burst)
