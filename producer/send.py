@@ -11,6 +11,7 @@ configuration or Redis rights, with nothing sent; 3 when Redis was lost mid-run.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -51,6 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(format="send.py: %(message)s", level=logging.WARNING)
     run_id = args.run_id or new_run_id()
     url = ""
     try:
