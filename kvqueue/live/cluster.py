@@ -22,7 +22,7 @@ from kvqueue import keys
 from kvqueue.errors import KVQueueError
 from kvqueue.keys import worker_name
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # kvqueue/live/cluster.py -> the checkout
 
 
 def rq_worker_command(queue: str) -> list[str]:
