@@ -176,6 +176,8 @@ def test_engine_settings_build_the_engine_and_its_vllm_limits():
 def test_bad_engine_settings_are_rejected_naming_the_value(env, message):
     with pytest.raises(ConfigError, match=message):
         Settings.from_env(env)
+
+
 def test_what_to_do_with_a_dead_workers_queue_is_reroute_or_fail() -> None:
     assert Settings().on_worker_death == "reroute"
     with pytest.raises(

@@ -41,9 +41,9 @@ from kvqueue.gpu.hashing import BlockHash
 class CachedBlock:
     block_hash: BlockHash
     depth: int
-    parent_hash: BlockHash | None
     ref_count: int = 0
     last_used: int = 0
+    parent_hash: BlockHash | None = None  # the block before it in its chain (for `snapshot`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +209,7 @@ class BlockCache:
             else:
                 evicted.append(self._evict_one())
             parent = hashes[depth - 1] if depth else None
-            blocks[block_hash] = CachedBlock(block_hash, depth, parent, 1)
+            blocks[block_hash] = CachedBlock(block_hash, depth, 1, parent_hash=parent)
         stored_runs += _stored_run(list(hashes[run_start:]), hashes, len(hashes))
         for _ in range(num_anonymous_blocks):
             if free:
@@ -345,7 +345,8 @@ class BlockCache:
                     run = []
                 run_parent = block_hash
             else:
-                blocks[block_hash] = CachedBlock(block_hash, len(chain), 1)
+                parent = chain[-1] if chain else None
+                blocks[block_hash] = CachedBlock(block_hash, len(chain), 1, parent_hash=parent)
                 run.append(block_hash)
             chain.append(block_hash)
         if run:
