@@ -137,10 +137,10 @@ def real_redis_base_url() -> Iterator[str]:
 def worker_env(request: pytest.FixtureRequest) -> dict[str, str]:
     """Environment of the KV workers a fault-injection test starts: one parameter per engine.
 
-    Every live fault test takes its workers' environment from here, so a new engine is tested
-    against every fault by adding a parameter (and the variables that select it).
+    Every live fault test takes its workers' environment from here, so an engine the live
+    worker learns to run is tested against every fault by adding it to the parameters.
     """
-    engines: dict[str, dict[str, str]] = {"sequential": {}}
+    engines = {"sequential": {"KVQ_ENGINE": "sequential"}}
     return dict(engines[request.param])
 
 
