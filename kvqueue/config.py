@@ -21,6 +21,10 @@
 | KVQ_LATENCY         | latency_profile    | seed (or calibrated)            |
 | KVQ_MAX_NUM_BATCHED_TOKENS | max_num_batched_tokens | (vLLM's default for the GPU) |
 | KVQ_MAX_NUM_SEQS    | max_num_seqs       | (vLLM's default for the GPU)    |
+| KVQ_RUN_TTL         | run_ttl_s          | 86400 (a run's data, seconds)   |
+| KVQ_EVENTS_MAXLEN   | events_maxlen      | 1000 (cache-event stream cap)   |
+| KVQ_ON_WORKER_DEATH | on_worker_death    | reroute (or fail)               |
+| KVQ_MAX_OUTSTANDING | max_outstanding    | (none: queues are unbounded)    |
 
 CLI flags override these by passing keyword arguments to `Settings.from_env(**overrides)`; a
 command whose defaults differ (``kvqueue sweep`` runs the batched engine) passes them as
@@ -62,7 +66,14 @@ ENV_TO_FIELD = {
     "KVQ_LATENCY": "latency_profile",
     "KVQ_MAX_NUM_BATCHED_TOKENS": "max_num_batched_tokens",
     "KVQ_MAX_NUM_SEQS": "max_num_seqs",
+    "KVQ_RUN_TTL": "run_ttl_s",
+    "KVQ_EVENTS_MAXLEN": "events_maxlen",
+    "KVQ_ON_WORKER_DEATH": "on_worker_death",
+    "KVQ_MAX_OUTSTANDING": "max_outstanding",
 }
+
+# What happens to the requests queued on a worker whose heartbeat expired.
+ON_WORKER_DEATH = ("reroute", "fail")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,13 +97,24 @@ class Settings:
     latency_profile: str = DEFAULT_LATENCY_PROFILE
     max_num_batched_tokens: int | None = None
     max_num_seqs: int | None = None
+    run_ttl_s: float = 86_400.0
+    events_maxlen: int = 1_000  # as kvqueue.routing.redis_index.DEFAULT_EVENTS_MAXLEN
+    on_worker_death: str = "reroute"
+    max_outstanding: int | None = None
 
     def __post_init__(self) -> None:
         if not self.time_scale >= 0:
             raise ConfigError(f"time_scale must be >= 0, got {self.time_scale}")
-        for name in ("heartbeat_ttl_s", "pending_ttl_s"):
+        for name in ("heartbeat_ttl_s", "pending_ttl_s", "run_ttl_s", "events_maxlen"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.on_worker_death not in ON_WORKER_DEATH:
+            raise ConfigError(
+                f"on_worker_death must be one of {', '.join(ON_WORKER_DEATH)}, "
+                f"got {self.on_worker_death!r}"
+            )
+        if self.max_outstanding is not None and self.max_outstanding < 1:
+            raise ConfigError(f"max_outstanding must be >= 1, got {self.max_outstanding}")
         if not self.key_prefix:
             raise ConfigError("key_prefix must not be empty")
         self.latency_model()  # validates the latency constants

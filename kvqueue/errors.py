@@ -32,3 +32,11 @@ class NoLiveWorkersError(KVQueueError, RuntimeError):
 
 class InputFormatError(KVQueueError, ValueError):
     """A prompts or trace file is malformed; the message names the file and line."""
+
+
+class RunIdInUseError(KVQueueError, ValueError):
+    """A run id is already taken in Redis (another producer's run, or an earlier one)."""
+
+
+class AccessDeniedError(KVQueueError, PermissionError):
+    """The Redis user may not run something kvqueue needs (an ACL refusal, named)."""

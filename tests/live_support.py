@@ -14,12 +14,19 @@ Like conftest's `redis_url`, nothing here skips: an unreachable Redis FAILS the 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import orjson
 import pytest
 import redis
 from rq import Queue
@@ -27,12 +34,15 @@ from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
 from kvqueue import keys
+from kvqueue.config import Settings
 from kvqueue.gpu.events import CacheEvent, decode_event
 from kvqueue.live.cluster import LocalCluster
+from kvqueue.live.jobs import SNAPSHOT_FUNCTION
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 
+RELIABILITY_DB = 5  # test_recovery, test_security, test_run_outcomes: flushed before every test
 INDEX_DB = 9  # test_index, test_router: a unique key prefix per test, never flushed
 E2E_DB = 10  # test_pipeline_e2e: flushed before every cluster
 FAULTS_DB = 7  # test_faults: flushed before every test
@@ -110,9 +120,8 @@ def start_cluster(
     env: Mapping[str, str] | None = None,
     log_dir: Path | None = None,
 ) -> LocalCluster:
-    """Real `rq worker -w workers.KVWorker worker-<i>` processes; `worker_probe` importable."""
-    worker_env = {"PYTHONPATH": str(TESTS_DIR), **(env or {})}
-    return LocalCluster(url, num_workers, env=worker_env, prefix=prefix, log_dir=log_dir).start(
+    """Real `rq worker -w workers.KVWorker worker-<i>` processes."""
+    return LocalCluster(url, num_workers, env=env, prefix=prefix, log_dir=log_dir).start(
         timeout_s=30
     )
 
@@ -171,9 +180,10 @@ def events_by_worker(client: redis.Redis, prefix: str) -> dict[str, list[CacheEv
 
 
 def cache_snapshot(client: redis.Redis, worker: str, timeout_s: float = 20.0) -> dict:
-    """Ask the worker process itself for its cached hashes (see `worker_probe`)."""
+    """Ask the worker process itself for its cached hashes (`kvqueue.live.worker.cache_snapshot`,
+    queued behind every request before it, answered from the process's own memory)."""
     queue = Queue(keys.queue_name(worker), connection=client, serializer=JSONSerializer)
-    job = queue.enqueue("worker_probe.cache_snapshot", result_ttl=600)
+    job = queue.enqueue(SNAPSHOT_FUNCTION, result_ttl=600)
     deadline = time.monotonic() + timeout_s
     while True:
         status = job.get_status(refresh=True)
@@ -195,3 +205,118 @@ def wait_for_stream_length(
         if time.monotonic() > deadline:
             raise AssertionError(f"{stream} has {client.xlen(stream)} entries, want {length}")
         time.sleep(0.01)
+
+
+# -- fault injection -------------------------------------------------------------------------------
+FAULT_PREFIX = "kvqlab:"
+FAULT_TIME_SCALE = 0.05  # 20× faster than real time
+FAULT_HEARTBEAT_TTL_S = 2.0  # deaths are seen within 2 s (+ the reaper's 0.5 s)
+SEND_PY = str(REPO_ROOT / "producer" / "send.py")
+
+
+@dataclass
+class Lab:
+    """A Redis db of one's own, KV workers to start in it (with the engine's environment),
+    and the producer, in process or as `producer/send.py`. Every cluster is stopped at the end.
+    """
+
+    url: str
+    client: redis.Redis
+    log_dir: Path
+    worker_env: dict[str, str]
+    prefix: str = FAULT_PREFIX
+    heartbeat_ttl_s: float = FAULT_HEARTBEAT_TTL_S
+    clusters: list[LocalCluster] = dataclass_field(default_factory=list)
+
+    def settings(self, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "redis_url": self.url,
+            "key_prefix": self.prefix,
+            "time_scale": FAULT_TIME_SCALE,
+            "heartbeat_ttl_s": self.heartbeat_ttl_s,
+            "strategy": "round_robin",
+        }
+        return Settings(**(values | overrides))
+
+    def cluster(self, num_workers: int = 3, **env: str) -> LocalCluster:
+        worker_env = {"KVQ_HEARTBEAT_TTL": str(self.heartbeat_ttl_s), **self.worker_env, **env}
+        cluster = LocalCluster(
+            self.url, num_workers, env=worker_env, prefix=self.prefix, log_dir=self.log_dir
+        )
+        self.clusters.append(cluster)
+        return cluster.start(timeout_s=30)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """Environment of a `send.py` run against this lab."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("KVQ_", "RQ_"))}
+        env.pop("ROUTING_STRATEGY", None)
+        return env | {
+            "REDIS_URL": self.url,
+            "KVQ_PREFIX": self.prefix,
+            "KVQ_HEARTBEAT_TTL": str(self.heartbeat_ttl_s),
+            "KVQ_TIME_SCALE": str(FAULT_TIME_SCALE),
+            **extra,
+        }
+
+    def send_py(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, SEND_PY, *args],
+            env=self.env(**env),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    def start_send_py(self, *args: str, **env: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, SEND_PY, *args],
+            env=self.env(**env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def stop(self) -> None:
+        for cluster in self.clusters:
+            cluster.stop()
+
+
+def write_trace(path: Path, num_requests: int, output_tokens: int, spacing_ms: float = 0.0) -> Path:
+    """A Mooncake trace of `num_requests` unrelated 512-token prompts, `spacing_ms` apart
+    (simulated), each decoding `output_tokens`: long, equal requests a test can time."""
+    lines = [
+        orjson.dumps(
+            {
+                "timestamp": int(i * spacing_ms),
+                "input_length": 512,
+                "output_length": output_tokens,
+                "hash_ids": [1000 + i],
+            }
+        ).decode()
+        for i in range(num_requests)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def wait_until(condition: Callable[[], Any], timeout_s: float = 30.0, what: str = "") -> Any:
+    """Poll `condition` until it returns something truthy; FAIL after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what or condition}")
+        time.sleep(0.005)
+
+
+def job_records(client: redis.Redis, prefix: str, worker: str) -> dict[str, dict[str, Any]]:
+    """A worker's outstanding load records: {job id: record}."""
+    raw = client.hgetall(keys.worker_jobs(worker, prefix))
+    return {k.decode(): orjson.loads(v) for k, v in raw.items()}
+
+
+def serving(client: redis.Redis, prefix: str, worker: str) -> bool:
+    """The worker has a request in service right now (a started load record)."""
+    return any(r.get("started") for r in job_records(client, prefix, worker).values())

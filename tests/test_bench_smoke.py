@@ -22,7 +22,13 @@ pytestmark = pytest.mark.smoke
 
 BENCH_DIR = REPO_ROOT / "bench"
 TIMEOUT_S = 300
-SMOKE_TESTED = {"bench_core.py", "bench_simulator.py", "bench_router.py", "bench_pipeline.py"}
+SMOKE_TESTED = {
+    "bench_core.py",
+    "bench_simulator.py",
+    "bench_router.py",
+    "bench_pipeline.py",
+    "bench_faults.py",
+}
 
 
 def run_quick(script: str, *args: str) -> str:
@@ -85,6 +91,15 @@ def test_bench_pipeline_quick_prints_its_table(real_redis_base_url: str) -> None
 
     assert_table(stdout, "pipeline", "W", "scale", "done", "hit")
     assert "kvqueue, cache_aware" in stdout
+
+
+@pytest.mark.slow
+def test_bench_faults_quick_prints_its_tables() -> None:
+    stdout = run_quick("bench_faults.py")  # a redis-server of its own: it takes it down
+
+    assert_table(stdout, "scenario", "sent", "done", "rej", "fail", "rerouted")
+    assert_table(stdout, "key", "family", "bytes/request", "expires")
+    assert "SIGKILL 1 of 3 workers" in stdout
 
 
 def test_every_bench_script_has_a_smoke_test() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from kvqueue.errors import CacheFullError, ConfigError, RequestRejected
 from kvqueue.gpu.cache import Allocation, BlockCache, BlockTable
-from kvqueue.gpu.events import BlocksRemoved, BlocksStored
+from kvqueue.gpu.events import AllBlocksCleared, BlocksRemoved, BlocksStored
 from kvqueue.gpu.hashing import BlockHash
 
 
@@ -421,3 +421,26 @@ def test_pinning_a_prefix_that_is_not_cached_changes_nothing(make_hashes):
     with pytest.raises(ValueError, match="to pin is not cached"):
         cache.pin_prefix(BlockTable(), hashes, 2)
     assert snapshot(cache) == before
+
+
+def test_a_snapshot_announces_each_cached_chain_once_and_leaves_pending_events_alone(
+    make_hashes,
+):
+    cache = BlockCache(8)
+    first, second = make_hashes("sys", "q1"), make_hashes("sys", "q2")
+    for hashes in (first, second):
+        cache.release(cache.allocate(hashes))
+
+    snapshot = cache.snapshot()
+
+    sys_block, q1, q2 = first[0], first[1], second[1]
+    # Parents first, each chain as long as it runs: sys→q1 in one event, q2 after its parent.
+    assert snapshot[0] == AllBlocksCleared()
+    assert sorted(snapshot[1:], key=lambda e: len(e.block_hashes), reverse=True) == [
+        BlocksStored((sys_block, min(q1, q2)), None),
+        BlocksStored((max(q1, q2),), sys_block),
+    ]
+    assert cache.take_events() == [
+        BlocksStored((sys_block, q1), None),
+        BlocksStored((q2,), sys_block),
+    ]

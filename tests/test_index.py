@@ -238,6 +238,24 @@ def test_clearing_a_worker_keeps_its_pending_marks(backend: Backend, make_hashes
     assert index.match(routed) == {"worker-0": 2}
 
 
+def test_forgetting_a_worker_drops_its_blocks_and_its_pending_marks_but_no_one_elses(
+    backend: Backend, make_hashes
+) -> None:
+    index = backend.index
+    stored = make_hashes("sys", "a")
+    routed = make_hashes("new", "prefix")
+    index.add("worker-0", stored)
+    index.add("worker-1", stored)
+    index.mark_pending("worker-0", routed, 10_000)
+    index.mark_pending("worker-1", routed[:1], 10_000)
+
+    index.forget("worker-0")  # e.g. it died: its routed requests go elsewhere
+
+    assert index.match(stored) == {"worker-1": 2}
+    assert index.match(routed) == {"worker-1": 1}
+    assert index.cached_by("worker-0") == set()
+
+
 # -- pending marks ---------------------------------------------------------------------------------
 def test_pending_marks_count_until_their_ttl_runs_out(backend: Backend, make_hashes) -> None:
     index = backend.index

@@ -17,6 +17,9 @@ PREFIXED_KEYS = [
     (keys.node_prefix, (), "kvq:node:"),
     (keys.worker_blocks, ("worker-0",), "kvq:worker:worker-0:blocks"),
     (keys.worker_info, ("worker-0",), "kvq:worker:worker-0:info"),
+    (keys.worker_pending, ("worker-0",), "kvq:worker:worker-0:pending"),
+    (keys.worker_generation, ("worker-0",), "kvq:worker:worker-0:generation"),
+    (keys.worker_jobs, ("worker-0",), "kvq:worker:worker-0:jobs"),
     (keys.workers, (), "kvq:workers"),
     (keys.load, (), "kvq:load"),
     (keys.load_tokens, (), "kvq:load:tokens"),
@@ -29,6 +32,7 @@ PREFIXED_KEYS = [
     (keys.events, (), "kvq:events"),
     (keys.results, ("20261126-120000-abcdef",), "kvq:results:20261126-120000-abcdef"),
     (keys.run, ("20261126-120000-abcdef",), "kvq:run:20261126-120000-abcdef"),
+    (keys.run_reported, ("20261126-120000-abcdef",), "kvq:run:20261126-120000-abcdef:reported"),
 ]
 
 # Names that are not keys of their own: hash fields and RQ queue names.

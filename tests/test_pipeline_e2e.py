@@ -3,9 +3,9 @@
 Nothing is mocked. Every strategy runs on a fresh cluster (fresh processes, flushed db) so no
 run inherits another's cache. Emulated time runs 100× faster than real (time scale 0.01).
 
-How a worker's *actual* cache is read from outside its process: `worker_probe.cache_snapshot`
-is enqueued on the worker's own RQ queue like any request, so it runs inside the KV worker
-process after every request before it, and returns the hashes its `BlockCache` holds. That
+How a worker's *actual* cache is read from outside its process: kvqueue's job function
+`cache_snapshot` is enqueued on the worker's own RQ queue like any request, so it runs inside the
+KV worker process after every request before it, and returns the hashes its `BlockCache` holds. That
 answer involves no Redis state, so comparing it with the tree in Redis is a real check of
 "the tree follows the caches" — the worker's block set and a replay of the event stream are
 compared too, but they are written by the same MULTI/EXEC as the tree and cannot catch a

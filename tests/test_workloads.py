@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import subprocess
@@ -15,10 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvqueue.errors import InputFormatError
-from kvqueue.gpu.hashing import DEFAULT_HASH_SEED, hash_token_blocks
+from kvqueue.gpu.hashing import DEFAULT_HASH_SEED, hash_token_blocks, salt_keys
 from kvqueue.gpu.request import Request
 from kvqueue.report.metrics import ideal_hit_rate
 from kvqueue.workloads.arrivals import ARRIVAL_PROCESSES, poisson_times, retime
+from kvqueue.workloads.options import add_workload_arguments, build_requests
 from kvqueue.workloads.synthetic import (
     SHARED_PREFIX_PRESETS,
     WORKLOADS,
@@ -259,6 +261,51 @@ def test_an_empty_prompts_file_is_an_error(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("\n\n")
     with pytest.raises(InputFormatError, match=r"prompts\.txt:1: no prompts"):
+        read_prompts(path, char_tokens)
+
+
+# -- tenants -------------------------------------------------------------------------------------
+def test_lines_of_different_tenants_share_no_block_and_one_tenant_shares_its_own(tmp_path):
+    prompt = "x" * 64  # 4 full blocks
+    path = tmp_path / "tenants.jsonl"
+    path.write_text(
+        f'{{"prompt": "{prompt}", "tenant": "acme"}}\n'
+        f'{{"prompt": "{prompt}", "tenant": "rival"}}\n'
+        f'{{"prompt": "{prompt}", "cache_salt": "acme"}}\n'
+        f'{{"prompt": "{prompt}"}}\n'
+    )
+    acme, rival, acme_salt, default = read_prompts(path, char_tokens, cache_salt="house")
+
+    assert set(acme.block_hashes).isdisjoint(rival.block_hashes)
+    assert acme.block_hashes == acme_salt.block_hashes  # `tenant` is the salt when alone
+    unsalted = read_prompts(path, char_tokens)[3]
+    assert set(default.block_hashes).isdisjoint(unsalted.block_hashes)  # the file's default
+    assert default.block_hashes == tuple(
+        hash_token_blocks(char_tokens(prompt), extra_keys=salt_keys("house"))
+    )
+
+
+def test_the_cache_salt_flag_salts_every_request_of_a_workload():
+    parser = argparse.ArgumentParser()
+    add_workload_arguments(parser, default="shared-prefix-tiny")
+    plain, _ = build_requests(parser.parse_args([]))
+    salted, meta = build_requests(parser.parse_args(["--cache-salt", "tenant-7"]))
+
+    assert [r.request_id for r in plain] == [r.request_id for r in salted]
+    assert all(
+        set(p.block_hashes).isdisjoint(s.block_hashes) for p, s in zip(plain, salted, strict=True)
+    )
+    assert ideal_hit_rate(salted) == ideal_hit_rate(plain)  # the sharing within it stays
+    assert meta["salted"] is True and "tenant-7" not in str(meta)
+
+
+@pytest.mark.parametrize(
+    "line", ['{"prompt": "x", "tenant": ""}', '{"prompt": "x", "cache_salt": 7}']
+)
+def test_a_malformed_tenant_salt_names_its_line(tmp_path, line):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "fine"}\n' + line + "\n")
+    with pytest.raises(InputFormatError, match=r"prompts\.jsonl:2: '(tenant|cache_salt)' must be"):
         read_prompts(path, char_tokens)
 
 

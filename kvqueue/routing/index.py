@@ -36,6 +36,9 @@ class PrefixIndex(Protocol):
     def clear(self, worker: str) -> None:
         """`worker` caches nothing (its pending marks stay until stored or expired)."""
 
+    def forget(self, worker: str) -> None:
+        """`worker` is gone: it caches nothing and its pending marks are dropped too."""
+
     def mark_pending(self, worker: str, block_hashes: Sequence[BlockHash], ttl_ms: float) -> None:
         """Count `block_hashes` as held by `worker` for `ttl_ms` or until stored."""
 
@@ -152,6 +155,9 @@ class InMemoryIndex:
         holdings = self._workers.get(worker)
         if holdings is not None:
             holdings.cached.clear()
+
+    def forget(self, worker: str) -> None:
+        self._workers.pop(worker, None)  # its cached set and its pending marks
 
     def mark_pending(self, worker: str, block_hashes: Sequence[BlockHash], ttl_ms: float) -> None:
         if block_hashes:

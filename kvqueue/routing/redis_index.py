@@ -4,7 +4,8 @@ Node fields: ``parent`` (hex of the parent block, '' for a first block), ``w:<wo
 while the worker caches the block, ``p:<worker>`` = expiry (server ms) of a pending mark. A
 node with no worker field is deleted, or expires (a Redis key TTL) with its last pending mark,
 so requests that are routed but never stored leave nothing behind. Each worker also has a set of
-its hashes (`kvq:worker:<w>:blocks`) so `cleared` can undo everything it announced.
+its hashes (`kvq:worker:<w>:blocks`) so `cleared` can undo everything it announced, and a
+sorted set of its pending marks (`kvq:worker:<w>:pending`) so `forget` can undo those too.
 
 Writes accept an optional pipeline so that a worker can append its events to the event stream
 and update the tree in one MULTI/EXEC.
@@ -28,19 +29,26 @@ from kvqueue.gpu.events import (
 from kvqueue.gpu.hashing import BlockHash, from_hex, to_hex
 from kvqueue.routing import scripts
 
-EVENTS_STREAM_MAXLEN = 100_000
+DEFAULT_EVENTS_MAXLEN = 1_000  # entries; docs/reliability.md has the bytes they come to
 HASH_BYTES = 32  # SHA-256; the scripts cut the concatenated hex every 64 characters
 
 
 class RedisIndex:
     """`PrefixIndex` over Redis hashes. Holds no state but the connection and the prefix."""
 
-    def __init__(self, client: redis.Redis, prefix: str = keys.DEFAULT_PREFIX) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str = keys.DEFAULT_PREFIX,
+        events_maxlen: int = DEFAULT_EVENTS_MAXLEN,
+    ) -> None:
         self.client = client
         self.prefix = prefix
+        self.events_maxlen = events_maxlen
         self._store = client.register_script(scripts.STORE)
         self._remove = client.register_script(scripts.REMOVE)
         self._clear = client.register_script(scripts.CLEAR)
+        self._forget = client.register_script(scripts.FORGET)
         self._mark_pending = client.register_script(scripts.MARK_PENDING)
         self._route_view = client.register_script(scripts.ROUTE_VIEW)
         self._match = client.register_script(scripts.MATCH)
@@ -77,13 +85,24 @@ class RedisIndex:
             client=pipeline or self.client,
         )
 
+    def forget(self, worker: str, pipeline: Any = None) -> None:
+        """`worker` is gone: its cached blocks and its pending marks leave the tree."""
+        self._forget(
+            keys=[
+                keys.worker_blocks(worker, self.prefix),
+                keys.worker_pending(worker, self.prefix),
+            ],
+            args=[self.prefix, worker],
+            client=pipeline or self.client,
+        )
+
     def mark_pending(
         self, worker: str, block_hashes: Sequence[BlockHash], ttl_ms: float, pipeline: Any = None
     ) -> None:
         if not block_hashes:
             return
         self._mark_pending(
-            keys=[],
+            keys=[keys.worker_pending(worker, self.prefix)],
             args=[self.prefix, worker, int(ttl_ms), *to_hex(block_hashes)],
             client=pipeline or self.client,
         )
@@ -101,7 +120,7 @@ class RedisIndex:
             pipe.xadd(
                 stream,
                 {"worker": worker, "event": encode_event(event)},
-                maxlen=EVENTS_STREAM_MAXLEN,
+                maxlen=self.events_maxlen,
                 approximate=True,
             )
             if isinstance(event, BlocksStored):

@@ -35,6 +35,8 @@ class Decision:
     estimated_ms: float = 0.0
     # The worker had nothing outstanding when the router looked: the request starts at once.
     worker_idle: bool = False
+    # Requests outstanding on the worker (queued and in service) when the router looked.
+    worker_outstanding: int = 0
 
 
 def load_tokens(request: Request) -> int:
@@ -107,6 +109,7 @@ class Router:
             load_tokens(request),
             estimate_service_ms(request, matched, view, self.latency),
             worker_idle=view.load(worker).requests == 0,
+            worker_outstanding=view.load(worker).requests,
         )
 
     def commit(self, request: Request, decision: Decision, pipeline: Any = None) -> None:

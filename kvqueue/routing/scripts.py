@@ -6,7 +6,7 @@ workers on different machines agree on pending-mark expiry and heartbeat freshne
 
 from __future__ import annotations
 
-_NOW_MS = """
+NOW_MS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
@@ -52,7 +52,7 @@ REMOVE = (
 -- KEYS[1] = the worker's block set (kvq:worker:<w>:blocks)
 -- ARGV[1] = key prefix, ARGV[2] = worker, ARGV[3..] = removed block hashes
 """
-    + _NOW_MS
+    + NOW_MS
     + _DROP_IF_ORPHAN
     + """
 local prefix, stored = ARGV[1], 'w:' .. ARGV[2]
@@ -66,31 +66,72 @@ return #ARGV - 2
 """
 )
 
+_CLEAR_WORKER = """
+-- clear_worker(prefix, worker, blocks_key, now): drop every block the worker caches from the
+-- tree (its `w:` fields) and forget its block set; returns how many blocks it held.
+local function clear_worker(prefix, worker, blocks_key, now)
+  local stored = 'w:' .. worker
+  local members = redis.call('SMEMBERS', blocks_key)
+  for _, h in ipairs(members) do
+    local node = prefix .. 'node:' .. h
+    redis.call('HDEL', node, stored)
+    drop_if_orphan(node, now)
+  end
+  redis.call('DEL', blocks_key)
+  return #members
+end
+"""
+
+_FORGET_PENDING = """
+-- forget_pending(prefix, worker, pending_key, now): drop every pending mark of the worker.
+local function forget_pending(prefix, worker, pending_key, now)
+  local field = 'p:' .. worker
+  for _, h in ipairs(redis.call('ZRANGE', pending_key, 0, -1)) do
+    local node = prefix .. 'node:' .. h
+    redis.call('HDEL', node, field)
+    drop_if_orphan(node, now)
+  end
+  redis.call('DEL', pending_key)
+end
+"""
+
+# Lua that defines `now`, `drop_if_orphan`, `clear_worker` and `forget_pending`: what a script
+# that removes a worker from the tree needs (CLEAR, FORGET, and a dead worker's purge).
+WORKER_TREE_FUNCTIONS = NOW_MS + _DROP_IF_ORPHAN + _CLEAR_WORKER + _FORGET_PENDING
+
 CLEAR = (
     """
 -- KEYS[1] = the worker's block set (kvq:worker:<w>:blocks)
 -- ARGV[1] = key prefix, ARGV[2] = worker
+-- The worker's pending marks stay: requests already routed to it will still store them.
 """
-    + _NOW_MS
-    + _DROP_IF_ORPHAN
+    + WORKER_TREE_FUNCTIONS
     + """
-local prefix, stored = ARGV[1], 'w:' .. ARGV[2]
-local members = redis.call('SMEMBERS', KEYS[1])
-for _, h in ipairs(members) do
-  local node = prefix .. 'node:' .. h
-  redis.call('HDEL', node, stored)
-  drop_if_orphan(node, now)
-end
-redis.call('DEL', KEYS[1])
-return #members
+return clear_worker(ARGV[1], ARGV[2], KEYS[1], now)
+"""
+)
+
+FORGET = (
+    """
+-- A worker that is gone: its cached blocks and its pending marks leave the tree.
+-- KEYS[1] = the worker's block set, KEYS[2] = its pending marks (kvq:worker:<w>:pending)
+-- ARGV[1] = key prefix, ARGV[2] = worker
+"""
+    + WORKER_TREE_FUNCTIONS
+    + """
+local held = clear_worker(ARGV[1], ARGV[2], KEYS[1], now)
+forget_pending(ARGV[1], ARGV[2], KEYS[2], now)
+return held
 """
 )
 
 MARK_PENDING = (
     """
+-- KEYS[1] = the worker's pending marks (kvq:worker:<w>:pending: hash -> expiry), so that a
+--           dead worker's marks can be found and purged; expired entries are trimmed here
 -- ARGV[1] = key prefix, ARGV[2] = worker, ARGV[3] = TTL in ms, ARGV[4..] = block hashes
 """
-    + _NOW_MS
+    + NOW_MS
     + _DROP_IF_ORPHAN
     + """
 local prefix, worker = ARGV[1], ARGV[2]
@@ -98,8 +139,11 @@ local expires = now + tonumber(ARGV[3])
 for i = 4, #ARGV do
   local node = prefix .. 'node:' .. ARGV[i]
   redis.call('HSET', node, 'p:' .. worker, expires)
+  redis.call('ZADD', KEYS[1], expires, ARGV[i])
   drop_if_orphan(node, now)
 end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('PEXPIREAT', KEYS[1], expires)
 return expires
 """
 )
@@ -140,7 +184,7 @@ ROUTE_VIEW = (
 -- ARGV[4] = the request's block hashes in chain order, hex, concatenated ('' for none)
 -- Returns {live workers, their match lengths, ticket, state hash 1 (flat), state hash 2, ...}.
 """
-    + _NOW_MS
+    + NOW_MS
     + """
 local prefix, chain = ARGV[1], ARGV[4]
 local n = math.floor(#chain / 64)
@@ -166,7 +210,7 @@ MATCH = (
 -- ARGV[2] = the request's block hashes in chain order, hex, concatenated ('' for none)
 -- Returns {workers, their match lengths}, workers with a match of 0 left out.
 """
-    + _NOW_MS
+    + NOW_MS
     + """
 local prefix, chain = ARGV[1], ARGV[2]
 local n = math.floor(#chain / 64)

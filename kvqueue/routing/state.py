@@ -16,7 +16,9 @@ from kvqueue import keys
 from kvqueue.gpu.events import CacheEvent
 from kvqueue.gpu.load_signals import LoadSignals
 from kvqueue.gpu.request import Request
+from kvqueue.routing import worker_scripts
 from kvqueue.routing.index import InMemoryIndex, apply_events
+from kvqueue.routing.membership import JobRecord, ledger_keys
 from kvqueue.routing.redis_index import RedisIndex
 from kvqueue.routing.router import Decision
 from kvqueue.routing.view import RouterView, WorkerLoad, worker_order
@@ -29,6 +31,9 @@ class RedisRouterState:
     request start: a commit to an idle worker, or the last completion (the next queued
     request starts then). `time_scale` (wall seconds per simulated second, as the workers
     emulate it) turns the time since then into simulated ms for `WorkerLoad.elapsed_ms`.
+
+    A commit with a `job_id` leaves a load record (`kvqueue.routing.membership`) that
+    `release` takes away exactly once, whoever ends the job; the load counters never go below 0.
     """
 
     def __init__(
@@ -45,6 +50,8 @@ class RedisRouterState:
         self.heartbeat_ttl_ms = heartbeat_ttl_s * 1000.0
         self.pending_ttl_ms = pending_ttl_s * 1000.0
         self.time_scale = time_scale
+        self._record_job = client.register_script(worker_scripts.RECORD_JOB)
+        self._release_job = client.register_script(worker_scripts.RELEASE_JOB)
 
     def view(self, request: Request, take_ticket: bool) -> RouterView:
         p = self.prefix
@@ -52,11 +59,18 @@ class RedisRouterState:
             self.index.route_view(
                 request.block_hashes,
                 self.heartbeat_ttl_ms,
-                [keys.load(p), keys.load_tokens(p), keys.load_work(p), keys.usage(p),
-                 keys.capacity(p), keys.output_stats(p), keys.load_since(p)],
+                [
+                    keys.load(p),
+                    keys.load_tokens(p),
+                    keys.load_work(p),
+                    keys.usage(p),
+                    keys.capacity(p),
+                    keys.output_stats(p),
+                    keys.load_since(p),
+                ],
                 take_ticket,
             )
-        )  # fmt: skip
+        )
         now = _wall_ms()
         workers = tuple(sorted(matches, key=worker_order))
         loads = {
@@ -79,23 +93,58 @@ class RedisRouterState:
             return 0.0
         return max(0.0, (now - float(since)) / self.time_scale)
 
-    def commit(self, request: Request, decision: Decision, pipeline: Any = None) -> None:
+    def commit(
+        self,
+        request: Request,
+        decision: Decision,
+        pipeline: Any = None,
+        job_id: str | None = None,
+        run_id: str = "",
+    ) -> None:
+        """Mark the chain pending on the chosen worker and add the request to its load; with a
+        `job_id`, also leave the job's load record (which `release` takes away)."""
         pipe = pipeline if pipeline is not None else self.client.pipeline(transaction=False)
+        worker, p = decision.worker, self.prefix
         # The whole chain, hits included: if the worker evicts a hit before this request runs,
         # the request stores it again, and the worker's holdings stay prefix-closed.
-        self.index.mark_pending(
-            decision.worker, request.block_hashes, self.pending_ttl_ms, pipeline=pipe
-        )
-        pipe.hincrby(keys.load(self.prefix), decision.worker, 1)
-        pipe.hincrby(keys.load_tokens(self.prefix), decision.worker, decision.load_tokens)
-        pipe.hincrbyfloat(keys.load_work(self.prefix), decision.worker, decision.estimated_ms)
+        self.index.mark_pending(worker, request.block_hashes, self.pending_ttl_ms, pipeline=pipe)
+        if job_id is not None:
+            record = JobRecord(
+                run_id,
+                request.request_id,
+                decision.strategy,
+                decision.load_tokens,
+                decision.estimated_ms,
+            )
+            self._record_job(
+                keys=[keys.worker_generation(worker, p), keys.worker_jobs(worker, p)],
+                args=[job_id, record.to_json()],
+                client=pipe,
+            )
+        pipe.hincrby(keys.load(p), worker, 1)
+        pipe.hincrby(keys.load_tokens(p), worker, decision.load_tokens)
+        pipe.hincrbyfloat(keys.load_work(p), worker, decision.estimated_ms)
         if decision.worker_idle:
-            pipe.hset(keys.load_since(self.prefix), decision.worker, _wall_ms())
-        pipe.hincrby(keys.output_stats(self.prefix), "routed", 1)
+            pipe.hset(keys.load_since(p), worker, _wall_ms())
+        pipe.hincrby(keys.output_stats(p), "routed", 1)
         if request.max_tokens is not None:
-            pipe.hincrby(keys.output_stats(self.prefix), "declared", 1)
+            pipe.hincrby(keys.output_stats(p), "declared", 1)
         if pipeline is None:
             pipe.execute()
+
+    def release(
+        self,
+        worker: str,
+        job_id: str,
+        used_blocks: int | None = None,
+        output_tokens: int | None = None,
+        pipeline: Any = None,
+    ) -> bool | None:
+        """Take a job's load away (once: see `RELEASE_JOB`) and record what the worker reports.
+
+        Returns whether load was taken away now; None when queued on a pipeline.
+        """
+        return self._release(worker, job_id, 0, 0.0, used_blocks, output_tokens, pipeline)
 
     def complete(
         self,
@@ -106,33 +155,34 @@ class RedisRouterState:
         output_tokens: int | None = None,
         pipeline: Any = None,
     ) -> None:
-        pipe = pipeline if pipeline is not None else self.client.pipeline(transaction=False)
-        pipe.hincrby(keys.load(self.prefix), worker, -1)
-        pipe.hincrby(keys.load_tokens(self.prefix), worker, -tokens)
-        pipe.hincrbyfloat(keys.load_work(self.prefix), worker, -estimated_ms)
-        pipe.hset(keys.load_since(self.prefix), worker, _wall_ms())
-        if used_blocks is not None:
-            pipe.hset(keys.usage(self.prefix), worker, used_blocks)
-        if output_tokens is not None:
-            pipe.hincrby(keys.output_stats(self.prefix), "output_tokens", output_tokens)
-            pipe.hincrby(keys.output_stats(self.prefix), "completed", 1)
-        if pipeline is None:
-            pipe.execute()
+        """Release load committed without a job id (never below 0)."""
+        self._release(worker, "", tokens, estimated_ms, used_blocks, output_tokens, pipeline)
 
-    def register_capacity(self, worker: str, capacity_blocks: int, pipeline: Any = None) -> None:
-        """A worker (re)starting: empty cache of `capacity_blocks`, no outstanding load."""
-        pipe = pipeline if pipeline is not None else self.client.pipeline(transaction=False)
-        pipe.hset(keys.capacity(self.prefix), worker, capacity_blocks)
-        pipe.hset(keys.usage(self.prefix), worker, 0)
-        for key in (
-            keys.load(self.prefix),
-            keys.load_tokens(self.prefix),
-            keys.load_work(self.prefix),
-            keys.load_since(self.prefix),
-        ):
-            pipe.hdel(key, worker)
-        if pipeline is None:
-            pipe.execute()
+    def _release(
+        self,
+        worker: str,
+        job_id: str,
+        tokens: int,
+        work_ms: float,
+        used_blocks: int | None,
+        output_tokens: int | None,
+        pipeline: Any,
+    ) -> bool | None:
+        p = self.prefix
+        reply = self._release_job(
+            keys=[*ledger_keys(worker, p), keys.load_since(p), keys.usage(p), keys.output_stats(p)],
+            args=[
+                worker,
+                job_id,
+                tokens,
+                work_ms,
+                "" if used_blocks is None else used_blocks,
+                "" if output_tokens is None else output_tokens,
+                _wall_ms(),
+            ],
+            client=pipeline or self.client,
+        )
+        return None if pipeline is not None else bool(reply)
 
 
 def _wall_ms() -> float:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from kvqueue.errors import InputFormatError
-from kvqueue.gpu.hashing import DEFAULT_HASH_SEED, hash_token_blocks
+from kvqueue.gpu.hashing import DEFAULT_HASH_SEED, hash_token_blocks, salt_keys
 from kvqueue.gpu.request import Request
 from kvqueue.workloads.traces import as_int, as_number, iter_text_lines, parse_json_object
 
@@ -239,10 +239,10 @@ def _is_jsonl(path: Path) -> bool:
 
 def _parse_prompt_line(
     path: Path, lineno: int, text: str, jsonl: bool
-) -> tuple[str, int | None, float]:
-    """(prompt, max_tokens or None, arrival ms) of one non-blank line."""
+) -> tuple[str, int | None, float, str | None]:
+    """(prompt, max_tokens or None, arrival ms, tenant salt or None) of one non-blank line."""
     if not jsonl:
-        return text, None, 0.0
+        return text, None, 0.0, None
     data = parse_json_object(path, lineno, text)
     prompt = data.get("prompt")
     if not isinstance(prompt, str):
@@ -252,7 +252,13 @@ def _parse_prompt_line(
         max_tokens = as_int(path, lineno, "max_tokens", max_tokens, minimum=0)
     arrival = data.get("arrival")
     arrival_ms = 0.0 if arrival is None else as_number(path, lineno, "arrival", arrival) * 1000
-    return prompt, max_tokens, arrival_ms
+    salt = data.get("cache_salt", data.get("tenant"))
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        field = "cache_salt" if "cache_salt" in data else "tenant"
+        raise InputFormatError(
+            f"{path}:{lineno}: {field!r} must be a non-empty string, got {salt!r}"
+        )
+    return prompt, max_tokens, arrival_ms, salt
 
 
 def read_prompts(
@@ -262,14 +268,18 @@ def read_prompts(
     hash_seed: str = DEFAULT_HASH_SEED,
     extra_keys: Sequence[str] = (),
     id_prefix: str = "prompt",
+    cache_salt: str | None = None,
 ) -> list[Request]:
     """Requests from a prompts file, in file order.
 
     Text: one prompt per line. JSONL (``.jsonl``, or a first non-blank line starting with
-    ``{``): objects with `prompt`, optional `max_tokens` (overriding the `max_tokens` argument)
-    and optional `arrival` in seconds (default 0). Blank lines are skipped in both formats; a
-    prompt that is empty, whitespace or tokenizes to nothing raises `InputFormatError` naming
-    the file and line, as does any malformed line. Ids are ``<id_prefix>-<line number>``.
+    ``{``): objects with `prompt`, optional `max_tokens` (overriding the `max_tokens` argument),
+    optional `arrival` in seconds (default 0) and an optional tenant salt: `cache_salt`, or
+    `tenant` (its name is the salt when `cache_salt` is absent), overriding the `cache_salt`
+    argument. Requests with different salts never share a block hash (`salt_keys`). Blank
+    lines are skipped in both formats; a prompt that is empty, whitespace or tokenizes to
+    nothing raises `InputFormatError` naming the file and line, as does any malformed line.
+    Ids are ``<id_prefix>-<line number>``.
     """
     path = Path(path)
     jsonl = _is_jsonl(path)
@@ -277,7 +287,10 @@ def read_prompts(
     for lineno, text in iter_text_lines(path):
         if not text.strip():
             continue
-        prompt, line_max_tokens, arrival_ms = _parse_prompt_line(path, lineno, text, jsonl)
+        prompt, line_max_tokens, arrival_ms, line_salt = _parse_prompt_line(
+            path, lineno, text, jsonl
+        )
+        salted = (*extra_keys, *salt_keys(line_salt if line_salt is not None else cache_salt))
         if not prompt.strip():
             raise InputFormatError(f"{path}:{lineno}: empty prompt")
         tokens = tuple(tokenize(prompt))
@@ -286,7 +299,7 @@ def read_prompts(
         request = Request(
             request_id=f"{id_prefix}-{lineno}",
             num_prompt_tokens=len(tokens),
-            block_hashes=tuple(hash_token_blocks(tokens, seed=hash_seed, extra_keys=extra_keys)),
+            block_hashes=tuple(hash_token_blocks(tokens, seed=hash_seed, extra_keys=salted)),
             max_tokens=line_max_tokens if line_max_tokens is not None else max_tokens,
             arrival_ms=arrival_ms,
             token_ids=tokens,
