@@ -193,3 +193,8 @@ class InMemoryIndex:
     def cached_by(self, worker: str) -> set[BlockHash]:
         holdings = self._workers.get(worker)
         return set(holdings.cached) if holdings is not None else set()
+
+    def size(self, worker: str) -> int:
+        """Blocks `worker` caches (confirmed only): its "tree size"."""
+        holdings = self._workers.get(worker)
+        return len(holdings.cached) if holdings is not None else 0

@@ -15,7 +15,9 @@ from typing import Any, Protocol
 from kvqueue.errors import NoLiveWorkersError
 from kvqueue.gpu.latency import LatencyModel
 from kvqueue.gpu.request import Request
-from kvqueue.routing.policies.base import Policy
+from kvqueue.gpu.results import RequestResult
+from kvqueue.routing.engine_model import EngineModel
+from kvqueue.routing.policies.base import Policy, uncached_tokens
 from kvqueue.routing.view import RouterView
 
 START_WORKER_HINT = "start one with: rq worker -w workers.KVWorker worker-0"
@@ -37,6 +39,8 @@ class Decision:
     worker_idle: bool = False
     # Requests outstanding on the worker (queued and in service) when the router looked.
     worker_outstanding: int = 0
+    # Prompt tokens the chosen worker lacks, as the index predicted (`kvqueue.routing.active`).
+    prefill_tokens: int = 0
 
 
 def load_tokens(request: Request) -> int:
@@ -71,6 +75,9 @@ class RouterState(Protocol):
 
     def commit(self, request: Request, decision: Decision, pipeline: Any = None) -> None: ...
 
+    def first_token(self, worker: str, request_id: str, at_ms: float | None = None) -> None:
+        """The request's first token came (at `at_ms`, router time; None: now)."""
+
     def complete(
         self,
         worker: str,
@@ -79,21 +86,33 @@ class RouterState(Protocol):
         used_blocks: int | None = None,
         output_tokens: int | None = None,
         pipeline: Any = None,
+        request_id: str | None = None,
     ) -> None:
         """Release a finished request's load; record the cache occupancy and output length
         the worker reports (None when the request produced none, e.g. rejected)."""
 
 
 class Router:
+    """Route (read the view, let the policy choose), commit, and tell the policy what came of
+    it. `engine` is what the router is told about the workers' engines (`EngineModel`;
+    default: the sequential engine with `latency`'s constants)."""
+
     def __init__(
-        self, state: RouterState, policy: Policy, latency: LatencyModel | None = None
+        self,
+        state: RouterState,
+        policy: Policy,
+        latency: LatencyModel | None = None,
+        engine: EngineModel | None = None,
     ) -> None:
         self.state = state
         self.policy = policy
-        self.latency = latency or LatencyModel()
-        # Policies that price work in ms (preble, predictive) use the router's latency model.
+        self.latency = latency or (engine.latency if engine is not None else LatencyModel())
+        self.engine = engine or EngineModel(latency=self.latency)
+        # Policies that price work in ms (preble, predictive) use the router's models.
         if getattr(policy, "latency", False) is None:
             policy.latency = self.latency  # type: ignore[attr-defined]
+        if getattr(policy, "engine", False) is None:
+            policy.engine = self.engine  # type: ignore[attr-defined]
 
     def route(self, request: Request) -> Decision:
         """Choose a worker. Raises `NoLiveWorkersError` when there is none."""
@@ -110,7 +129,15 @@ class Router:
             estimate_service_ms(request, matched, view, self.latency),
             worker_idle=view.load(worker).requests == 0,
             worker_outstanding=view.load(worker).requests,
+            prefill_tokens=uncached_tokens(request, matched),
         )
 
     def commit(self, request: Request, decision: Decision, pipeline: Any = None) -> None:
         self.state.commit(request, decision, pipeline)
+
+    def finished(self, request: Request, result: RequestResult, now_ms: float) -> None:
+        """The request ended (`result`, as the client saw it): policies that learn from
+        outcomes (`finished(request, result, now_ms)`, e.g. Preble's) hear of it."""
+        hook = getattr(self.policy, "finished", None)
+        if hook is not None:
+            hook(request, result, now_ms)

@@ -6,6 +6,7 @@ the statistics a router learns from completed requests — and build the same `R
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,6 +18,13 @@ from kvqueue.gpu.events import CacheEvent
 from kvqueue.gpu.load_signals import LoadSignals
 from kvqueue.gpu.request import Request
 from kvqueue.routing import worker_scripts
+from kvqueue.routing.active import ActiveSequences
+from kvqueue.routing.approximate import (
+    DEFAULT_APPROXIMATE,
+    ApproximateRules,
+    RoutedIndex,
+    check_index_mode,
+)
 from kvqueue.routing.index import InMemoryIndex, apply_events
 from kvqueue.routing.membership import JobRecord, ledger_keys
 from kvqueue.routing.redis_index import RedisIndex
@@ -154,9 +162,13 @@ class RedisRouterState:
         used_blocks: int | None = None,
         output_tokens: int | None = None,
         pipeline: Any = None,
+        request_id: str | None = None,
     ) -> None:
         """Release load committed without a job id (never below 0)."""
         self._release(worker, "", tokens, estimated_ms, used_blocks, output_tokens, pipeline)
+
+    def first_token(self, worker: str, request_id: str, at_ms: float | None = None) -> None:
+        """Not recorded in Redis yet: live views carry no active prefill tokens."""
 
     def _release(
         self,
@@ -201,7 +213,14 @@ def _mean_output(stats: dict[str, str]) -> float | None:
 
 class InMemoryRouterState:
     """Router state in process memory, for the simulator. `clock` returns milliseconds;
-    `signals(worker)`, when given, reads that worker's engine load signals for the view."""
+    `signals(worker)`, when given, reads that worker's engine load signals for the view.
+
+    `index_mode` picks the index the view's matches come from: ``"precise"`` (the workers'
+    cache events, fed through `apply_events`, plus pending marks) or ``"approximate"`` (a
+    `RoutedIndex` of what was routed, under `approximate`'s rules; cache events then reach
+    no index). Either way the router keeps its records of the requests in flight
+    (`ActiveSequences`), fed by `commit`, `first_token` and `complete`.
+    """
 
     def __init__(
         self,
@@ -209,11 +228,16 @@ class InMemoryRouterState:
         clock: Callable[[], float] | None = None,
         pending_ttl_ms: float = 30_000.0,
         signals: Callable[[str], LoadSignals] | None = None,
+        index_mode: str = "precise",
+        approximate: ApproximateRules = DEFAULT_APPROXIMATE,
     ) -> None:
         self.workers = tuple(sorted(workers, key=worker_order))
         self.clock = clock or (lambda: time.monotonic() * 1000.0)
         self.signals = signals or (lambda worker: LoadSignals())
+        self.index_mode = check_index_mode(index_mode)
         self.index = InMemoryIndex(self.clock)
+        self.routed = RoutedIndex(approximate, self.clock) if index_mode == "approximate" else None
+        self.active = ActiveSequences()
         self.pending_ttl_ms = pending_ttl_ms
         self.requests = dict.fromkeys(self.workers, 0)
         self.tokens = dict.fromkeys(self.workers, 0)
@@ -221,17 +245,38 @@ class InMemoryRouterState:
         self.used_blocks = dict.fromkeys(self.workers, 0)
         self.capacity_blocks = dict.fromkeys(self.workers, 0)
         self.busy_since = dict.fromkeys(self.workers, 0.0)  # see RedisRouterState
+        self._first_tokens: list[tuple[float, int, str]] = []  # (time, seq, request id) heap
+        self._first_token_seq = 0
         self._output_tokens = 0
         self._completed = 0
         self._routed = 0
         self._declared = 0
         self._ticket = 0
 
+    def _match(self, request: Request) -> dict[str, int]:
+        if self.routed is not None:
+            return self.routed.match(request.block_hashes)
+        return self.index.match(request.block_hashes)
+
+    def _indexed_blocks(self, worker: str) -> int:
+        if self.routed is not None:
+            return self.routed.size(worker)
+        return self.index.size(worker)
+
+    def _apply_first_tokens(self, now: float) -> None:
+        due = self._first_tokens
+        while due and due[0][0] <= now:
+            _, _, request_id = heapq.heappop(due)
+            self.active.prefill_done(request_id)
+
     def view(self, request: Request, take_ticket: bool) -> RouterView:
         if take_ticket:
             self._ticket += 1
-        matches = self.index.match(request.block_hashes)
         now = self.clock()
+        self._apply_first_tokens(now)
+        matches = self._match(request)
+        active = self.active
+        hashes = request.block_hashes
         loads = {}
         for w in self.workers:
             engine = self.signals(w)
@@ -246,6 +291,9 @@ class InMemoryRouterState:
                 engine.num_waiting,
                 engine.kv_usage,
                 engine.num_queued_prefill_tokens,
+                active.prefill_tokens(w),
+                active.num_blocks(w),
+                self._indexed_blocks(w),
             )
         mean_output = self._output_tokens / self._completed if self._completed else None
         return RouterView(
@@ -255,10 +303,19 @@ class InMemoryRouterState:
             self._ticket,
             mean_output,
             self._declared / self._routed if self._routed else None,
+            self.index_mode,
+            {w: active.matched(w, hashes) for w in self.workers},
+            now,
         )
 
     def commit(self, request: Request, decision: Decision, pipeline: Any = None) -> None:
-        self.index.mark_pending(decision.worker, request.block_hashes, self.pending_ttl_ms)
+        if self.routed is not None:
+            self.routed.record(decision.worker, request.block_hashes)
+        else:
+            self.index.mark_pending(decision.worker, request.block_hashes, self.pending_ttl_ms)
+        self.active.add(
+            request.request_id, decision.worker, request.block_hashes, decision.prefill_tokens
+        )
         if self.requests[decision.worker] == 0:  # Redis relies on decision.worker_idle
             self.busy_since[decision.worker] = self.clock()
         self.requests[decision.worker] += 1
@@ -266,6 +323,12 @@ class InMemoryRouterState:
         self._declared += request.max_tokens is not None
         self.tokens[decision.worker] += decision.load_tokens
         self.work_ms[decision.worker] += decision.estimated_ms
+
+    def first_token(self, worker: str, request_id: str, at_ms: float | None = None) -> None:
+        at = self.clock() if at_ms is None else at_ms
+        self._first_token_seq += 1
+        heapq.heappush(self._first_tokens, (at, self._first_token_seq, request_id))
+        self._apply_first_tokens(self.clock())
 
     def complete(
         self,
@@ -275,11 +338,14 @@ class InMemoryRouterState:
         used_blocks: int | None = None,
         output_tokens: int | None = None,
         pipeline: Any = None,
+        request_id: str | None = None,
     ) -> None:
         self.requests[worker] -= 1
         self.tokens[worker] -= tokens
         self.work_ms[worker] -= estimated_ms
         self.busy_since[worker] = self.clock()
+        if request_id is not None:
+            self.active.free(request_id)
         if used_blocks is not None:
             self.used_blocks[worker] = used_blocks
         if output_tokens is not None:
@@ -290,6 +356,9 @@ class InMemoryRouterState:
         self.capacity_blocks[worker] = capacity_blocks
         self.used_blocks[worker] = 0
         self.busy_since[worker] = 0.0
+        if self.routed is not None:
+            self.routed.set_capacity(worker, capacity_blocks)
 
     def apply_events(self, worker: str, events: Sequence[CacheEvent]) -> None:
-        apply_events(self.index, worker, events)
+        if self.routed is None:  # an approximate index never hears from a GPU
+            apply_events(self.index, worker, events)

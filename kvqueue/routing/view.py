@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +25,12 @@ class WorkerLoad:
     `num_queued_prefill_tokens`. The simulator fills them from each worker's engine at the
     moment of the decision; where a worker does not publish them (the live pipeline, for
     now) they keep their defaults, 0.
+
+    From the router's own records of what it has in flight (`kvqueue.routing.active`, as
+    Dynamo's router keeps them): `active_prefill_tokens`, the uncached prompt tokens of the
+    worker's requests that have no first token yet, and `active_blocks`, the distinct full
+    prompt blocks of its unfinished requests. `indexed_blocks` is how many blocks the index
+    (precise or approximate, whichever the router reads) holds for the worker.
     """
 
     requests: int = 0
@@ -37,6 +43,9 @@ class WorkerLoad:
     num_waiting: int = 0
     engine_kv_usage: float = 0.0
     num_queued_prefill_tokens: int = 0
+    active_prefill_tokens: int = 0
+    active_blocks: int = 0
+    indexed_blocks: int = 0
 
     @property
     def kv_usage(self) -> float:
@@ -45,7 +54,14 @@ class WorkerLoad:
 
 @dataclass(frozen=True, slots=True)
 class RouterView:
-    """What a policy may look at. `workers` is the live workers in worker order."""
+    """What a policy may look at. `workers` is the live workers in worker order.
+
+    `matched_blocks` comes from the index the router reads, `index_mode` says which:
+    ``"precise"`` (the workers' cache events plus pending marks) or ``"approximate"`` (what
+    the router itself routed, `kvqueue.routing.approximate`). `active_matched_blocks` is the
+    leading run of the request's blocks among each worker's active blocks (`WorkerLoad`).
+    `now_ms` is the router's clock (virtual ms in the simulator).
+    """
 
     workers: tuple[str, ...]
     matched_blocks: Mapping[str, int]
@@ -53,12 +69,18 @@ class RouterView:
     ticket: int = 0
     mean_output_tokens: float | None = None  # over completed requests so far; None before any
     declared_share: float | None = None  # of routed requests, share declaring max_tokens
+    index_mode: str = "precise"
+    active_matched_blocks: Mapping[str, int] = field(default_factory=dict)
+    now_ms: float = 0.0
 
     def load(self, worker: str) -> WorkerLoad:
         return self.loads.get(worker, WorkerLoad())
 
     def matched(self, worker: str) -> int:
         return self.matched_blocks.get(worker, 0)
+
+    def active_matched(self, worker: str) -> int:
+        return self.active_matched_blocks.get(worker, 0)
 
 
 def worker_order(worker: str) -> tuple:

@@ -165,6 +165,7 @@ class BatchedWorker:
         outcome = self.scheduler.complete(step)
         for request in outcome.first_tokens:
             request.tag.first_token_ms = now
+            self.host.first_token(self.name, request.tag.item, now)
         same_gap = 0  # tokens whose previous one came out of the previous step
         for request in outcome.sampled:
             timing: _Timing = request.tag

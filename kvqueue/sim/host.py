@@ -33,6 +33,9 @@ class Queued:
 class SimulationHost(Protocol):
     def apply_events(self, worker: str, events: Sequence[CacheEvent]) -> None: ...
 
+    def first_token(self, worker: str, item: Queued, at_ms: float) -> None:
+        """The request's first token comes out at `at_ms` (now or, known ahead, later)."""
+
     def release_load(
         self, worker: str, item: Queued, used_blocks: int, output_tokens: int | None
     ) -> None:

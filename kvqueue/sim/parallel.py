@@ -14,7 +14,7 @@ from kvqueue.gpu.latency import LatencyModel
 from kvqueue.gpu.oracle import DecodeLengthOracle
 from kvqueue.gpu.presets import Preset, get_preset
 from kvqueue.gpu.request import Request
-from kvqueue.routing.policies import make_policy
+from kvqueue.routing.policies.base import parse_strategy
 from kvqueue.sim.simulation import (
     DEFAULT_PENDING_TTL_MS,
     DEFAULT_RUN_ID,
@@ -25,13 +25,14 @@ from kvqueue.sim.simulation import (
 
 
 def check_strategies(strategies: Sequence[str]) -> None:
-    """Raise `ConfigError` for an empty list, a duplicate or an unknown strategy name."""
+    """Raise `ConfigError` for an empty list, a duplicate, an unknown strategy name or index
+    mode (``name`` or ``name:index``)."""
     if not strategies:
         raise ConfigError("no strategies given")
     if len(set(strategies)) != len(strategies):
         raise ConfigError(f"duplicate strategy in {list(strategies)}")
-    for name in strategies:
-        make_policy(name)  # an unknown name raises, listing the valid ones
+    for spec in strategies:
+        parse_strategy(spec)  # an unknown name or mode raises, listing the valid ones
 
 
 def default_jobs(num_strategies: int) -> int:
@@ -57,13 +58,15 @@ def run_strategies(
     progress: ProgressCallback | None = None,
     jobs: int = 1,
     engine: EngineConfig | None = None,
+    index_mode: str | None = None,
 ) -> dict[str, SimulationRun]:
     """`simulate_run` once per strategy, each on fresh workers, caches and router state.
 
     Every strategy sees the same requests; the result maps each strategy (in the given
     order) to its run: results and engine statistics. Strategies and the engine are
     validated before anything runs. `progress(n)` is
-    called as requests end, over all strategies. With ``jobs > 1`` strategies run in that
+    called as requests end, over all strategies. `index_mode` applies to every strategy
+    that does not name its own (else each reads its upstream's default). With ``jobs > 1`` strategies run in that
     many forked processes (they share nothing, so the results are identical to a serial
     run); where fork is unavailable they run serially.
     """
@@ -79,6 +82,7 @@ def run_strategies(
         "run_id": run_id,
         "pending_ttl_ms": pending_ttl_ms,
         "engine": engine,
+        "index_mode": index_mode,
     }
     jobs = min(jobs, len(strategies))
     if jobs <= 1 or "fork" not in multiprocessing.get_all_start_methods():

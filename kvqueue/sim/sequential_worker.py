@@ -104,6 +104,7 @@ class SequentialWorker:
             self.start_ms = now
             self.cache_used_blocks = gpu.cache.num_used_slots
             self.finish_ms = now + execution.service_ms
+            self.host.first_token(self.name, item, now + execution.prefill_ms)
             # One prefill step, then one step per output token, each of a single request.
             self.stats.record_steps(1 + execution.decode_tokens, 1, execution.service_ms)
             self.stats.record_kv_usage(now, self.signals().kv_usage)

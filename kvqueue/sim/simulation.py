@@ -49,7 +49,8 @@ from kvqueue.gpu.presets import Preset, get_preset
 from kvqueue.gpu.request import Request
 from kvqueue.gpu.results import RequestResult, RequestStatus
 from kvqueue.gpu.simulated_gpu import SimulatedGpu
-from kvqueue.routing.policies.base import make_policy
+from kvqueue.routing.engine_model import EngineModel
+from kvqueue.routing.policies.base import approximate_rules, make_policy, resolve_index_mode
 from kvqueue.routing.router import Router
 from kvqueue.routing.state import InMemoryRouterState
 from kvqueue.sim.batched_worker import BatchedWorker
@@ -103,6 +104,10 @@ class Simulation:
     Invariants: `now` never decreases; every request put in gets exactly one result; each
     worker has at most one live event in the heap. Use `run` once per instance.
     `token_times` (batched engine) collects every output token's time per request id.
+
+    `strategy` is a policy name, optionally with the index it reads (``"llmd:approximate"``);
+    without one, `index_mode` if given, else the policy's upstream default. The router is told
+    the engines' model (`EngineModel`) built from the same engine, preset and latency.
     """
 
     def __init__(
@@ -116,6 +121,7 @@ class Simulation:
         pending_ttl_ms: float = DEFAULT_PENDING_TTL_MS,
         engine: EngineConfig | None = None,
         token_times: dict[str, list[float]] | None = None,
+        index_mode: str | None = None,
     ) -> None:
         preset = preset or get_preset()
         latency = latency or LatencyModel()
@@ -127,10 +133,17 @@ class Simulation:
         self.engine = engine
         self.now = 0.0
         names = worker_names(num_workers)
+        policy_name, self.index_mode = resolve_index_mode(strategy, index_mode)
+        policy = make_policy(policy_name)
         self.state = InMemoryRouterState(
-            names, clock=self._clock, pending_ttl_ms=pending_ttl_ms, signals=self._signals
+            names,
+            clock=self._clock,
+            pending_ttl_ms=pending_ttl_ms,
+            signals=self._signals,
+            index_mode=self.index_mode,
+            approximate=approximate_rules(policy),
         )
-        self.router = Router(self.state, make_policy(strategy), latency)
+        self.router = Router(self.state, policy, latency, EngineModel.of(engine, preset, latency))
         # Worker index = position in the router's worker order, used to break event ties.
         self.workers: list[WorkerDriver] = [
             self._make_worker(name, preset, latency, oracle, engine, token_times) for name in names
@@ -229,6 +242,9 @@ class Simulation:
     def apply_events(self, worker: str, events: Sequence[CacheEvent]) -> None:
         self.state.apply_events(worker, events)
 
+    def first_token(self, worker: str, item: Queued, at_ms: float) -> None:
+        self.state.first_token(worker, item.request.request_id, at_ms)
+
     def release_load(
         self, worker: str, item: Queued, used_blocks: int, output_tokens: int | None
     ) -> None:
@@ -238,6 +254,7 @@ class Simulation:
             item.decision.estimated_ms,
             used_blocks=used_blocks,
             output_tokens=output_tokens,
+            request_id=item.request.request_id,
         )
 
     def record(
@@ -250,7 +267,7 @@ class Simulation:
     ) -> None:
         request = item.request
         assert self._results[item.position] is None, f"{request.request_id} ended twice"
-        self._results[item.position] = RequestResult(
+        result = self._results[item.position] = RequestResult(
             request_id=request.request_id,
             run_id=self.run_id,
             worker=worker,
@@ -262,6 +279,7 @@ class Simulation:
             cache_capacity_blocks=capacity_blocks,
             **fields,  # type: ignore[arg-type]
         )
+        self.router.finished(request, result, self.now)
         if self._progress is not None:
             self._progress(1)
 
@@ -277,6 +295,7 @@ def simulate(
     pending_ttl_ms: float = DEFAULT_PENDING_TTL_MS,
     progress: ProgressCallback | None = None,
     engine: EngineConfig | None = None,
+    index_mode: str | None = None,
 ) -> list[RequestResult]:
     """Run one strategy on `num_workers` fresh simulated GPUs; one result per request, in order.
 
@@ -284,8 +303,9 @@ def simulate(
     `ConfigError` listing the valid ones. `simulate_run` also returns the engines' statistics.
     """
     simulation = Simulation(
-        strategy, num_workers, preset, latency, oracle, run_id, pending_ttl_ms, engine
-    )
+        strategy, num_workers, preset, latency, oracle, run_id, pending_ttl_ms, engine,
+        index_mode=index_mode,
+    )  # fmt: skip
     return simulation.run(requests, progress)
 
 

@@ -16,14 +16,56 @@ from typing import ClassVar, Protocol
 from kvqueue.errors import ConfigError
 from kvqueue.gpu.hashing import BLOCK_SIZE
 from kvqueue.gpu.request import Request
+from kvqueue.routing.approximate import (
+    DEFAULT_APPROXIMATE,
+    INDEX_MODES,
+    ApproximateRules,
+)
 from kvqueue.routing.view import RouterView, worker_order
+
+INDEX_SEPARATOR = ":"  # ``llmd:approximate`` = the llmd policy on the approximate index
 
 
 class Policy(Protocol):
+    """`index_mode` is the index the policy reads unless told otherwise (its upstream's
+    default); `approximate_index` the rules its approximate index forgets by."""
+
     name: ClassVar[str]
     needs_ticket: ClassVar[bool]
 
     def choose(self, request: Request, view: RouterView) -> str: ...
+
+
+def default_index_mode(policy: object) -> str:
+    return getattr(policy, "index_mode", "precise")
+
+
+def approximate_rules(policy: object) -> ApproximateRules:
+    return getattr(policy, "approximate_index", DEFAULT_APPROXIMATE)
+
+
+def parse_strategy(spec: str) -> tuple[str, str | None]:
+    """``"llmd:approximate"`` → ("llmd", "approximate"); ``"llmd"`` → ("llmd", None).
+
+    The name must be registered and the mode one of `INDEX_MODES` (else `ConfigError`
+    listing the valid ones).
+    """
+    name, sep, mode = spec.partition(INDEX_SEPARATOR)
+    make_policy(name)
+    if sep and mode not in INDEX_MODES:
+        raise ConfigError(
+            f"unknown index mode {mode!r} in strategy {spec!r}; valid: {', '.join(INDEX_MODES)}"
+        )
+    return name, (mode if sep else None)
+
+
+def resolve_index_mode(spec: str, override: str | None = None) -> tuple[str, str]:
+    """(policy name, index mode): the spec's own mode, else `override`, else the policy's
+    upstream default."""
+    name, mode = parse_strategy(spec)
+    if override is not None and override not in INDEX_MODES:
+        raise ConfigError(f"unknown index mode {override!r}; valid: {', '.join(INDEX_MODES)}")
+    return name, mode or override or default_index_mode(POLICIES[name])
 
 
 POLICIES: dict[str, type] = {}
@@ -79,6 +121,11 @@ def match_fraction(request: Request, matched_blocks: int) -> float:
     if request.num_prompt_tokens <= 0:
         return 0.0
     return min(1.0, matched_blocks * BLOCK_SIZE / request.num_prompt_tokens)
+
+
+def uncached_tokens(request: Request, matched_blocks: int) -> int:
+    """Prompt tokens left to prefill after a match of `matched_blocks` (Dynamo's `new_tokens`)."""
+    return max(0, request.num_prompt_tokens - matched_blocks * BLOCK_SIZE)
 
 
 def expected_output_blocks(request: Request, view: RouterView) -> int:

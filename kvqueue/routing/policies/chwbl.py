@@ -1,14 +1,13 @@
-"""Consistent hashing with bounded loads (CHWBL), as KubeAI routes by prefix."""
+"""Consistent hashing with bounded loads (CHWBL), as KubeAI's `PrefixHash` strategy runs it."""
 
 from __future__ import annotations
 
 import bisect
 import hashlib
-import math
 from typing import ClassVar
 
 from kvqueue.gpu.request import Request
-from kvqueue.routing.policies.base import check_param, least_loaded, register_policy
+from kvqueue.routing.policies.base import check_param, register_policy
 from kvqueue.routing.view import RouterView
 
 
@@ -18,21 +17,32 @@ def _ring_point(data: bytes) -> int:
 
 @register_policy("chwbl")
 class BoundedLoadHashing:
-    """Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam, SODA 2018) on
-    the prompt's first blocks, as KubeAI's `PrefixHash` strategy routes LLM requests.
+    """KubeAI's ``PrefixHash`` load balancing: consistent hashing with bounded loads on the
+    prompt's prefix.
 
-    The key is the chained hash of the first `prefix_blocks` blocks (it stands for that whole
-    prefix); a shorter prompt hashes what it has, a prompt without a full block goes to the
-    least loaded. Each worker has `replicas` points on a 64-bit ring; the request walks the
-    ring clockwise from its key to the first worker whose outstanding requests, counting this
-    one, stay within ``ceil(load_factor × (total outstanding + 1) / workers)``. Since that
-    bound times the number of workers exceeds the total, some worker always qualifies.
+    Rule (substratusai/kubeai@2f32ef49: internal/loadbalancer/balance_chwbl.go
+    `chwblGetAddr`, `chwblLoadOK`; group.go `getBestAddr`): every worker has `replicas`
+    points on a 64-bit ring, ``hash("<name><i>")``; the request's key hashes to a point;
+    walking clockwise from the first ring point at or after it (wrapping), over ring *points*
+    (a worker can be checked again) and at most once round the ring, take the first worker
+    whose in-flight requests satisfy
 
-    Defaults: load factor 1.25 and 256 points per worker (issue 6; KubeAI's
-    ``meanLoadFactor: 125`` and ``replication: 256``). KubeAI hashes the first 100
-    characters of the prompt, about 25 tokens, hence 2 blocks here. A short key keeps a
-    conversation on one worker from its first turn on (a longer one changes once the history
-    outgrows it); the load bound, not the key, stops hot prefixes from piling up.
+        total in flight == 0   or   in_flight(w) ≤ (total in flight + 1) / N × load_factor
+
+    N = all workers, compared as floats: no ceiling, and no +1 on the worker's own load (the
+    +1 was removed upstream in ab1d895, "remove +1 to load"). If none qualifies, the first
+    point's worker (the key's owner on the ring). In flight = the router's own count
+    (`WorkerLoad.requests`), raised at dispatch and lowered when the request ends.
+
+    Key: KubeAI hashes the adapter name plus the first `prefixCharLength` = 100 characters of
+    the prompt (chat: of the first user message). Without the text, the key here is the
+    chained hash of the first `prefix_blocks` blocks: 100 characters at about 4 per token are
+    25 tokens, whose blocks are the first two. A prompt without a full block keys on nothing
+    and goes to the least loaded (fewest in flight, first in worker order).
+
+    Defaults (the CRD's kubebuilder defaults, api/k8s/v1/model_types.go L172-208):
+    ``meanLoadFactor: 125`` → 1.25, ``replication: 256``, ``prefixCharLength: 100``. Index:
+    none — a stateless hash, so `--index` changes nothing it reads.
     """
 
     needs_ticket: ClassVar[bool] = False
@@ -53,15 +63,17 @@ class BoundedLoadHashing:
         ring = self._rings.get(workers)
         if ring is None:
             pairs = sorted(
-                (_ring_point(f"{w}#{i}".encode()), w) for w in workers for i in range(self.replicas)
+                (_ring_point(f"{w}{i}".encode()), w) for w in workers for i in range(self.replicas)
             )
             ring = ([p for p, _ in pairs], [w for _, w in pairs])
             self._rings[workers] = ring
         return ring
 
-    def load_bound(self, view: RouterView) -> int:
-        total = sum(view.load(w).requests for w in view.workers)
-        return math.ceil(self.load_factor * (total + 1) / len(view.workers))
+    def load_ok(self, in_flight: int, total: int, num_workers: int) -> bool:
+        """KubeAI's `chwblLoadOK`."""
+        if total == 0:
+            return True
+        return in_flight <= (total + 1) / num_workers * self.load_factor
 
     def key(self, request: Request) -> int:
         depth = min(self.prefix_blocks, request.num_blocks)
@@ -69,18 +81,15 @@ class BoundedLoadHashing:
 
     def choose(self, request: Request, view: RouterView) -> str:
         if request.num_blocks == 0:
-            return least_loaded(view.workers, view)
+            return min(view.workers, key=lambda w: view.load(w).requests)
         points, owners = self.ring(view.workers)
-        bound = self.load_bound(view)
-        start = bisect.bisect_left(points, self.key(request))
-        seen: set[str] = set()
+        start = bisect.bisect_left(points, self.key(request)) % len(points)
+        total = sum(view.load(w).requests for w in view.workers)
+        num_workers = len(view.workers)
+        # The bound depends on the worker only, so rechecking a worker's point changes nothing.
+        ok = {w for w in view.workers if self.load_ok(view.load(w).requests, total, num_workers)}
         for step in range(len(points)):
             worker = owners[(start + step) % len(points)]
-            if worker in seen:
-                continue
-            if view.load(worker).requests + 1 <= bound:
+            if worker in ok:
                 return worker
-            seen.add(worker)
-            if len(seen) == len(view.workers):
-                break
-        raise AssertionError("the load bound always admits a worker")
+        return owners[start]

@@ -1,4 +1,4 @@
-"""NVIDIA Dynamo's KV router."""
+"""NVIDIA Dynamo's KV router (`--router-mode kv`)."""
 
 from __future__ import annotations
 
@@ -8,67 +8,99 @@ from typing import ClassVar
 
 from kvqueue.gpu.hashing import BLOCK_SIZE
 from kvqueue.gpu.request import Request
-from kvqueue.routing.policies.base import check_param, register_policy
-from kvqueue.routing.view import RouterView, worker_order
+from kvqueue.routing.approximate import DYNAMO_APPROX
+from kvqueue.routing.policies.base import check_param, register_policy, uncached_tokens
+from kvqueue.routing.view import RouterView
 
 
 @register_policy("dynamo")
 class DynamoKvRouter:
-    """NVIDIA Dynamo's KV router (docs "KV Cache Routing", `DefaultWorkerSelector`): lowest
-    ``overlap_weight × prefill_blocks + active_decode_blocks``.
+    """NVIDIA Dynamo's KV router: the lowest ``overlap_score_weight × potential prefill blocks
+    + potential decode blocks``.
 
-    - ``prefill_blocks`` = the request's blocks the worker does not hold (to be computed);
-    - ``active_decode_blocks`` = blocks of requests in flight on the worker (outstanding
-      prompt + declared output tokens / 16, rounded up) plus the blocks this request adds.
-      Dynamo counts the new request's blocks that are not already active on the worker; the
-      router cannot see which matched blocks are pinned by in-flight requests, so it counts
-      the ones the worker lacks (its prefill blocks) and treats matched ones as resident.
+    Rule (ai-dynamo/dynamo@db19bd2a:lib/llm/src/kv_router/scheduler.rs
+    `DefaultWorkerSelector::select_worker`, with the loads of `ActiveSequences::
+    potential_blocks_and_tokens`), for a request of ``isl`` prompt tokens whose first
+    ``overlap(w)`` blocks worker w holds (the index), block size B = 16::
 
-    Ties go to the worker with the smaller cache usage, then worker order. With
-    ``temperature > 0`` the worker is sampled from a softmax of the min–max-normalized costs,
-    ``p ∝ exp(−normalized / temperature)`` (all equal → uniform), from a ``random.Random``
-    seeded with `seed`. Defaults are Dynamo's: ``overlap_weight = 1.0``, ``temperature = 0``.
+        prefill_tokens(w) = active_prefill_tokens(w) + max(0, isl − overlap(w) × B)
+        decode_blocks(w)  = active_blocks(w) + new_blocks(w)
+        logit(w)          = overlap_score_weight × prefill_tokens(w) / B + decode_blocks(w)
 
-    Documented example: prefill 8/5/2 and decode 10/5/9 blocks → costs 18/10/11 → worker 2.
+    - ``active_prefill_tokens`` = the uncached prompt tokens of every request the router sent
+      to w that has no first token yet (`WorkerLoad.active_prefill_tokens`);
+    - ``active_blocks`` = the *distinct* full prompt blocks of w's unfinished requests (a
+      shared prefix counts once; `WorkerLoad.active_blocks`), ``new_blocks`` = this request's
+      full blocks not among them; output blocks are not counted
+      (``router_track_output_blocks = false``);
+    - ``/ B`` is a float division, not a ceiling.
+
+    Selection: at temperature 0 the workers with the lowest logit; several → the smallest
+    tree (blocks the index holds for the worker), all equal → uniformly at random (a
+    `random.Random(seed)`); unequal with several at the minimum → the first in worker order
+    (upstream: HashMap order). At temperature T > 0 one draw from ``p ∝ exp(−(logit / range)
+    / T)``, range = max − min (uniform when all are equal).
+
+    Defaults (ai-dynamo/dynamo@870abbd1:lib/kv-router/src/config.rs `KvRouterConfig::default`):
+    ``overlap_score_weight = 1.0``, ``router_temperature = 0.0``, ``use_kv_events = true`` —
+    the precise index; ``--no-router-kv-events`` gives the approximate one (`DYNAMO_APPROX`:
+    TTL 120 s, 2**20 blocks, pruned to 0.8).
+
+    Documented example (docs/architecture/kv_cache_routing.md @01118c5f): prefill 8 / 5 / 2
+    blocks and decode 10 / 5 / 9 blocks cost 18 / 10 / 11, so worker 2 is chosen over the
+    better-cached worker 3.
     """
 
     needs_ticket: ClassVar[bool] = False
+    index_mode: ClassVar[str] = "precise"
+    approximate_index = DYNAMO_APPROX
 
-    def __init__(self, overlap_weight: float = 1.0, temperature: float = 0.0, seed: int = 0):
+    def __init__(
+        self, overlap_weight: float = 1.0, temperature: float = 0.0, seed: int = 0
+    ) -> None:
         check_param(overlap_weight >= 0, f"overlap_weight must be >= 0, got {overlap_weight}")
         check_param(temperature >= 0, f"temperature must be >= 0, got {temperature}")
         self.overlap_weight = overlap_weight
         self.temperature = temperature
         self.rng = random.Random(seed)
 
-    def prefill_blocks(self, request: Request, view: RouterView, worker: str) -> int:
-        return max(0, request.num_blocks - view.matched(worker))
+    def potential_loads(self, request: Request, view: RouterView) -> dict[str, tuple[int, int]]:
+        """{worker: (potential prefill tokens, potential decode blocks)}."""
+        loads = {}
+        for w in view.workers:
+            load = view.load(w)
+            prefill = load.active_prefill_tokens + uncached_tokens(request, view.matched(w))
+            new_blocks = request.num_blocks - view.active_matched(w)
+            loads[w] = (prefill, load.active_blocks + new_blocks)
+        return loads
 
-    def active_blocks(self, request: Request, view: RouterView, worker: str) -> int:
-        in_flight = math.ceil(view.load(worker).tokens / BLOCK_SIZE)
-        return in_flight + self.prefill_blocks(request, view, worker)
-
-    def costs(self, request: Request, view: RouterView) -> dict[str, float]:
-        return {
-            w: self.overlap_weight * self.prefill_blocks(request, view, w)
-            + self.active_blocks(request, view, w)
-            for w in view.workers
-        }
+    def logits(self, loads: dict[str, tuple[int, int]]) -> dict[str, float]:
+        weight = self.overlap_weight
+        return {w: weight * prefill / BLOCK_SIZE + decode for w, (prefill, decode) in loads.items()}
 
     def choose(self, request: Request, view: RouterView) -> str:
-        costs = self.costs(request, view)
+        logits = self.logits(self.potential_loads(request, view))
         if self.temperature > 0:
-            return self._sample(costs)
-        return min(view.workers, key=lambda w: (costs[w], view.load(w).kv_usage, worker_order(w)))
+            return self._sample(logits, view)
+        low = min(logits.values())
+        tied = [w for w in view.workers if logits[w] == low]
+        if len(tied) == 1:
+            return tied[0]
+        sizes = [view.load(w).indexed_blocks for w in tied]
+        if all(size == sizes[0] for size in sizes):
+            return self.rng.choice(tied)
+        return min(tied, key=lambda w: view.load(w).indexed_blocks)
 
-    def _sample(self, costs: dict[str, float]) -> str:
-        workers = sorted(costs, key=worker_order)
-        low, high = min(costs.values()), max(costs.values())
-        span = high - low
-        weights = [
-            math.exp(-((costs[w] - low) / span) / self.temperature) if span > 0 else 1.0
-            for w in workers
-        ]
+    def _sample(self, logits: dict[str, float], view: RouterView) -> str:
+        workers = list(view.workers)
+        low, high = min(logits.values()), max(logits.values())
+        if high == low:
+            weights = [1.0] * len(workers)
+        else:
+            span = high - low
+            scaled = [-(logits[w] / span) / self.temperature for w in workers]
+            top = max(scaled)
+            weights = [math.exp(v - top) for v in scaled]
         point = self.rng.random() * sum(weights)
         for worker, weight in zip(workers, weights, strict=True):
             point -= weight

@@ -1,32 +1,68 @@
-"""llm-d inference scheduler's weighted scorers."""
+"""llm-d inference scheduler (the endpoint picker, EPP): weighted scorers, highest total wins."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+import math
+import random
+from typing import ClassVar, Literal
 
+from kvqueue.gpu.hashing import BLOCK_SIZE
 from kvqueue.gpu.request import Request
-from kvqueue.routing.policies.base import check_param, least_loaded, register_policy
+from kvqueue.routing.approximate import LLMD_APPROX
+from kvqueue.routing.policies.base import check_param, register_policy
 from kvqueue.routing.view import RouterView
+
+Normalization = Literal["absolute", "minmax"]
 
 
 @register_policy("llmd")
 class LlmdScorers:
-    """llm-d inference scheduler's weighted scorers (prefix-cache 2, queue 1, KV-cache
-    utilization 1, as DESIGN.md §7 lists them); highest total wins.
+    """llm-d's endpoint picker with the scorers of its precise-prefix-cache sample config:
+    ``2 × prefix + 1 × kv-cache utilization + 1 × queue``, highest total wins.
 
-    - prefix: fraction of the request's blocks the worker holds, ``matched / num_blocks``;
-    - queue: ``(maxQ − q) / (maxQ − minQ)`` over outstanding requests q, 1 when all equal;
-    - KV utilization: ``1 − used_blocks / capacity_blocks`` as last reported.
+    Config followed: llm-d/llm-d-inference-scheduler@520af478:
+    deploy/config/epp-precise-prefix-cache-config.yaml (precise-prefix-cache-scorer weight
+    2.0, kv-cache-utilization-scorer 1.0, queue-scorer 1.0, max-score-picker). The EPP's
+    built-in default (`pkg/epp/config/loader/defaults.go` `loadDefaultConfig`: queue 2, kv 2,
+    approximate prefix 3) differs; pass those weights to get it. Scores, per candidate w,
+    each clamped to [0, 1] and weighted — the total is not divided by the sum of weights
+    (`scheduler_profile.go` `runScorerPlugins`):
 
-    Ties (llm-d picks at random among them) go to the least loaded, then worker order. The
-    usage here counts cached-but-evictable blocks too (the simulated cache evicts lazily), so
-    once caches are warm the third scorer is near 0 everywhere and mostly breaks early ties.
+    - **prefix**, precise (`scorer/preciseprefixcache/utils.go` `absoluteScoredPods`, since
+      e6f6b84f): ``min(matched / total, 1)``, total = the prompt's full blocks;
+      ``prefix_normalization="minmax"`` is the rule before that commit: ``(m − min) / (max −
+      min)`` over the workers holding at least the first block, 1 when they all tie, 0 for
+      the others. Approximate (`approx-prefix-cache-producer` + `prefix-cache-scorer`):
+      ``matched / total`` with total = the prompt's blocks *including a trailing partial
+      one*, both capped at 256 blocks (`LLMD_APPROX`);
+    - **kv-cache utilization** (`scorer/kvcacheutilization`): ``1 − KV usage``, usage as vLLM
+      reports it (`vllm:kv_cache_usage_perc`: evictable cached blocks count as free;
+      `WorkerLoad.engine_kv_usage`);
+    - **queue** (`scorer/queuedepth`): ``(max q − q) / (max q − min q)`` over the candidates,
+      q = the engine's *waiting* requests (`vllm:num_requests_waiting`,
+      `WorkerLoad.num_waiting`); 1 for all when they are equal.
+
+    Picker (`picker/maxscore`): candidates shuffled, stably sorted by total, the first taken:
+    an exact tie is broken uniformly at random (a `random.Random(seed)` here). Index: precise
+    by default (the config's scorer reads vLLM's KV events); ``--index approximate`` gives
+    the approximate producer and scorer under the same weights.
+
+    The engine signals are the simulator's exact values at the decision; llm-d scrapes them
+    every few tens of milliseconds. A live worker does not publish them yet, so a live view
+    reads 0 for both and only the prefix scorer discriminates.
     """
 
     needs_ticket: ClassVar[bool] = False
+    index_mode: ClassVar[str] = "precise"
+    approximate_index = LLMD_APPROX
 
     def __init__(
-        self, prefix_weight: float = 2.0, queue_weight: float = 1.0, kv_weight: float = 1.0
+        self,
+        prefix_weight: float = 2.0,
+        queue_weight: float = 1.0,
+        kv_weight: float = 1.0,
+        prefix_normalization: Normalization = "absolute",
+        seed: int = 0,
     ) -> None:
         for name, value in (
             ("prefix_weight", prefix_weight),
@@ -34,24 +70,62 @@ class LlmdScorers:
             ("kv_weight", kv_weight),
         ):
             check_param(value >= 0, f"{name} must be >= 0, got {value}")
+        check_param(
+            prefix_normalization in ("absolute", "minmax"),
+            f"prefix_normalization must be absolute or minmax, got {prefix_normalization!r}",
+        )
         self.prefix_weight = prefix_weight
         self.queue_weight = queue_weight
         self.kv_weight = kv_weight
+        self.prefix_normalization = prefix_normalization
+        self.rng = random.Random(seed)
+
+    def prefix_scores(self, request: Request, view: RouterView) -> dict[str, float]:
+        if view.index_mode == "approximate":
+            limit = LLMD_APPROX.max_match_blocks or math.inf
+            total = min(limit, math.ceil(request.num_prompt_tokens / BLOCK_SIZE))
+            return {w: min(view.matched(w) / total, 1.0) for w in view.workers}
+        total = request.num_blocks
+        if total <= 0:
+            return dict.fromkeys(view.workers, 0.0)
+        if self.prefix_normalization == "absolute":
+            return {w: min(view.matched(w) / total, 1.0) for w in view.workers}
+        held = {w: view.matched(w) for w in view.workers if view.matched(w) > 0}
+        if not held:
+            return dict.fromkeys(view.workers, 0.0)
+        low, high = min(held.values()), max(held.values())
+        return {
+            w: (1.0 if high == low else (held[w] - low) / (high - low)) if w in held else 0.0
+            for w in view.workers
+        }
+
+    def queue_scores(self, view: RouterView) -> dict[str, float]:
+        queues = {w: view.load(w).num_waiting for w in view.workers}
+        high, low = max(queues.values()), min(queues.values())
+        if high == low:
+            return dict.fromkeys(view.workers, 1.0)
+        return {w: (high - q) / (high - low) for w, q in queues.items()}
+
+    def kv_scores(self, view: RouterView) -> dict[str, float]:
+        return {w: _clamp(1.0 - view.load(w).engine_kv_usage) for w in view.workers}
 
     def scores(self, request: Request, view: RouterView) -> dict[str, float]:
-        queues = {w: view.load(w).requests for w in view.workers}
-        high, low = max(queues.values()), min(queues.values())
-        scores = {}
-        for w in view.workers:
-            prefix = view.matched(w) / request.num_blocks if request.num_blocks else 0.0
-            queue = (high - queues[w]) / (high - low) if high > low else 1.0
-            kv = 1.0 - min(1.0, view.load(w).kv_usage)
-            scores[w] = (
-                self.prefix_weight * prefix + self.queue_weight * queue + self.kv_weight * kv
-            )
-        return scores
+        prefix = self.prefix_scores(request, view)
+        queue = self.queue_scores(view)
+        kv = self.kv_scores(view)
+        return {
+            w: self.prefix_weight * _clamp(prefix[w])
+            + self.queue_weight * _clamp(queue[w])
+            + self.kv_weight * kv[w]
+            for w in view.workers
+        }
 
     def choose(self, request: Request, view: RouterView) -> str:
         scores = self.scores(request, view)
         top = max(scores.values())
-        return least_loaded([w for w in view.workers if scores[w] == top], view)
+        tied = [w for w in view.workers if scores[w] == top]
+        return tied[0] if len(tied) == 1 else self.rng.choice(tied)
+
+
+def _clamp(value: float) -> float:
+    return min(1.0, max(0.0, value))

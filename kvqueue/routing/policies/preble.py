@@ -1,84 +1,123 @@
-"""Preble's E2 scheduler: exploit long matches, else explore by cost."""
+"""Preble's E2 global scheduler: exploit a shared prefix's GPUs, else explore by windowed cost."""
 
 from __future__ import annotations
 
 from typing import ClassVar
 
 from kvqueue.gpu.hashing import BLOCK_SIZE
-from kvqueue.gpu.latency import LatencyModel
 from kvqueue.gpu.request import Request
-from kvqueue.routing.policies.base import best_match, expected_output_blocks, register_policy
-from kvqueue.routing.view import RouterView, worker_order
+from kvqueue.gpu.results import RequestResult
+from kvqueue.routing.approximate import PREBLE_TREE
+from kvqueue.routing.engine_model import EngineModel
+from kvqueue.routing.policies.base import best_match, register_policy
+from kvqueue.routing.policies.preble_tree import DEFAULT_DECODE_TOKENS, PrebleScheduler
+from kvqueue.routing.view import RouterView
 
 
 @register_policy("preble")
 class PrebleE2:
-    """Preble's E2 scheduler (Srivatsa et al., "Preble: Efficient Distributed Prompt Scheduling
-    for LLM Serving", ICLR 2025): exploit the holders of a long match, else explore by
-    load + eviction + prefill cost, in ms.
+    """Preble's E2 scheduler (Srivatsa et al., ICLR 2025) as WukLab/preble@8e7906a3 runs it
+    (`preble/global_scheduler_with_time.py` `runtime_selector`, L304-356, with eviction on as
+    `preble/server/server.py` L238 starts it); the state is `PrebleScheduler`.
 
-    Exploit when the longest match covers more tokens than it leaves (``matched tokens >
-    unmatched tokens``): among the workers holding that longest prefix, the lowest load.
-    Otherwise explore: the worker minimizing ``load + eviction cost + prefill cost``, all in
-    milliseconds of the latency model:
+    Per request, the prompt is inserted into one global prefix tree of everything routed::
 
-    - load = the router's estimate of the worker's outstanding work (`WorkerLoad.work_ms`).
-      Preble sums the prefill and decode time of requests of a recent window; outstanding
-      work is the same quantity for the requests that still matter;
-    - prefill = ``latency.prefill_ms(blocks the worker lacks)``;
-    - eviction = blocks this request would evict × ``prefill_per_block_ms``: it needs the
-      blocks it lacks plus its output's slots; what exceeds the free slots last reported
-      (``capacity − used``) evicts cached blocks, each assumed to cost one recomputation
-      later. (Preble weights each evicted node by its hit count; the index keeps none, so
-      the weight is 1.)
+        leaf = the prompt's node in the tree; important = nearest large ancestor-or-self
+        if leaf.num_tokens < leaf.context_so_far:          # EXPLOIT: shared part longer
+            G = allocation of the nearest allocated ancestor (none: every GPU)
+            gpu = G's only GPU (no load check) if |G| = 1, else argmin cost over G
+        else:                                              # EXPLORE
+            gpu = argmin cost over every GPU
+        cost(g) = Σ over the window's important nodes n allocated to g of
+                    miss_rate(n) · count(n) · T_prefill(n) / |alloc(n)|
+                  + active(n, g) · output_len(n) · median TPOT(g)
+                  + the cost of the large nodes an LRU eviction of leaf.num_tokens on g drops
 
-    Preble's post-assignment rebalancing and prefix autoscaling are not modelled. `latency`
-    defaults to the router's model (`Router` fills it in).
+    then the leaf's path is allocated to the GPU, the window (3 minutes) updated, the GPU's
+    simulated cache trimmed to its capacity, and — once 50 × N requests have been routed
+    (a cumulative count, so a one-time warm-up) — the post-assignment rebalancing runs: while
+    the most loaded GPU's cost (nodes seen at least twice) is ≥ 1.5 × the least loaded's,
+    its cheapest important nodes move to it with their whole subtrees, or a single hot node
+    is replicated to it if its TTFTs doubled within the window. Ties: the first minimum.
+
+    kvqueue's choices, where Preble's numbers do not carry over: T_prefill is the router's
+    engine model (`EngineModel.prefill_ms`; upstream a fitted Mistral-7B/A6000 regression);
+    the capacity is the GPU's own (upstream 198,516 tokens); times are the router's clock;
+    output length = the request's ``max_tokens``, else 45 (upstream's default). Upstream's
+    exploit branch returns the argmin's *position* in G as a GPU id (L300, L326); here the
+    position is mapped back to its GPU (``upstream_argmin=True`` reproduces the quirk).
+
+    Index: approximate by default — the exploit test asks whether *some earlier request*
+    shared the prefix (the global tree), not whether a GPU still caches it. With the precise
+    index (``--index precise``) the test asks the workers' caches instead: exploit when the
+    longest cached match exceeds the uncached rest, G = the workers holding it; the tree,
+    window, costs and rebalancing stay (rebalancing then moves only the cost accounting).
     """
 
     needs_ticket: ClassVar[bool] = False
+    index_mode: ClassVar[str] = "approximate"
+    approximate_index = PREBLE_TREE
 
-    def __init__(self, latency: LatencyModel | None = None) -> None:
-        self.latency = latency
+    def __init__(self, engine: EngineModel | None = None, upstream_argmin: bool = False) -> None:
+        self.engine = engine
+        self.upstream_argmin = upstream_argmin
+        self._scheduler: PrebleScheduler | None = None
+        self._gpus: dict[str, int] = {}
+        self._workers: tuple[str, ...] = ()
 
-    @property
-    def _latency(self) -> LatencyModel:
-        return self.latency or LatencyModel()
-
-    def prefill_ms(self, request: Request, view: RouterView, worker: str) -> float:
-        return self._latency.prefill_ms(max(0, request.num_blocks - view.matched(worker)))
-
-    def eviction_ms(self, request: Request, view: RouterView, worker: str) -> float:
-        load = view.load(worker)
-        if load.capacity_blocks <= 0:
-            return 0.0  # capacity never reported: nothing known to evict
-        needed = max(0, request.num_blocks - view.matched(worker))
-        needed += expected_output_blocks(request, view)
-        free = max(0, load.capacity_blocks - load.used_blocks)
-        return max(0, needed - free) * self._latency.prefill_per_block_ms
-
-    def explore_cost_ms(self, request: Request, view: RouterView, worker: str) -> float:
-        return (
-            view.load(worker).work_ms
-            + self.eviction_ms(request, view, worker)
-            + self.prefill_ms(request, view, worker)
-        )
-
-    def exploits(self, request: Request, view: RouterView) -> bool:
-        matched_tokens = min(best_match(view) * BLOCK_SIZE, request.num_prompt_tokens)
-        return matched_tokens > request.num_prompt_tokens - matched_tokens
+    def scheduler(self, view: RouterView) -> PrebleScheduler:
+        """The scheduler state, made for the first view's workers (GPU i = worker i)."""
+        if self._scheduler is None:
+            engine = self.engine or EngineModel()
+            capacity = max(
+                (view.load(w).capacity_blocks for w in view.workers), default=0
+            ) or engine.num_gpu_blocks
+            self._workers = view.workers
+            self._gpus = {w: i for i, w in enumerate(view.workers)}
+            self._scheduler = PrebleScheduler(
+                len(view.workers),
+                lambda extend, context: engine.prefill_ms(context, context - extend),
+                capacity * BLOCK_SIZE if capacity else 1 << 62,
+                self.upstream_argmin,
+            )
+        return self._scheduler
 
     def choose(self, request: Request, view: RouterView) -> str:
-        if self.exploits(request, view):
+        state = self.scheduler(view)
+        now = view.now_ms
+        leaf, important = state.prepare(request.block_hashes, now)
+        live = [self._gpus[w] for w in view.workers if w in self._gpus]
+        if view.index_mode == "precise":
             best = best_match(view)
-            holders = [w for w in view.workers if view.matched(w) == best]
-            return min(holders, key=lambda w: (view.load(w).work_ms, *_load_key(view, w)))
-        return min(
-            view.workers,
-            key=lambda w: (self.explore_cost_ms(request, view, w), *_load_key(view, w)),
+            cached = min(best * BLOCK_SIZE, request.num_prompt_tokens)
+            if best > 0 and request.num_prompt_tokens - cached < cached:
+                holders = [self._gpus[w] for w in view.workers if view.matched(w) == best]
+                gpu = holders[0] if len(holders) == 1 else state.min_load_cost(leaf, holders)
+            else:
+                gpu = state.min_load_cost(leaf, live)
+        elif important is not None and state.exploits(leaf):
+            allocation = sorted(state.allocation_of(leaf))
+            if len(allocation) == 1:
+                gpu = allocation[0]
+            else:
+                gpu = state.min_load_cost(leaf, allocation)
+        else:
+            gpu = state.min_load_cost(leaf, live)
+        decode = request.max_tokens if request.max_tokens is not None else DEFAULT_DECODE_TOKENS
+        state.commit(leaf, important, gpu, decode, now)
+        return self._workers[gpu]
+
+    def finished(self, request: Request, result: RequestResult, now_ms: float) -> None:
+        """`finish_request`: the router sees the response end (its TTFT and TPOT)."""
+        state = self._scheduler
+        gpu = self._gpus.get(result.worker)
+        if state is None or gpu is None:
+            return
+        state.finish(
+            request.block_hashes,
+            gpu,
+            now_ms,
+            result.ttft_ms,
+            result.tpot_ms,
+            result.decode_tokens or 0,
         )
-
-
-def _load_key(view: RouterView, worker: str) -> tuple:
-    load = view.load(worker)
-    return (load.requests, load.tokens, worker_order(worker))

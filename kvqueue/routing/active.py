@@ -1,0 +1,121 @@
+"""What a router knows of the requests it has in flight on each worker, from its own records.
+
+Dynamo's KV router keeps, per worker, the prompt tokens still to prefill and the *unique*
+blocks of the requests it routed there and that have not finished (its "active sequences":
+ai-dynamo/dynamo@db19bd2a:lib/llm/src/kv_router/scheduler.rs and the `ActiveSequences` of
+`lib/kv-router/src/sequence.rs`, `potential_blocks_and_tokens`): a request adds its uncached
+prompt tokens (``isl − overlap × block_size`` as predicted when it was routed) and its full
+prompt blocks (reference-counted, so a prefix shared by several requests counts once); its
+first token removes the tokens (`mark_prefill_completed`), its end the blocks (`free`).
+Output blocks are not tracked (``router_track_output_blocks = false`` by default).
+
+Every chain added is a prefix-closed set of blocks (chained hashes: a block stands for its
+whole prefix), so a worker's active blocks are prefix-closed too and the leading run of a
+request's chain among them is found by binary search.
+
+Invariant: ``prefill_tokens(w)`` is the sum over w's requests without a first token of their
+predicted tokens; ``num_blocks(w)`` the number of distinct blocks of w's unfinished requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kvqueue.gpu.hashing import BlockHash
+
+
+@dataclass(slots=True)
+class _Flight:
+    worker: str
+    blocks: tuple[BlockHash, ...]
+    prefill_tokens: int  # 0 once its first token came
+
+
+@dataclass(slots=True)
+class _WorkerFlights:
+    prefill_tokens: int = 0
+    block_refs: dict[BlockHash, int] = field(default_factory=dict)
+
+
+class ActiveSequences:
+    """Per worker: prompt tokens awaiting prefill and reference-counted active blocks."""
+
+    def __init__(self) -> None:
+        self._flights: dict[str, _Flight] = {}
+        self._workers: dict[str, _WorkerFlights] = {}
+
+    def _worker(self, worker: str) -> _WorkerFlights:
+        flights = self._workers.get(worker)
+        if flights is None:
+            flights = self._workers[worker] = _WorkerFlights()
+        return flights
+
+    def add(
+        self,
+        request_id: str,
+        worker: str,
+        block_hashes: Sequence[BlockHash],
+        prefill_tokens: int,
+    ) -> None:
+        """A request routed to `worker`; a request id already in flight is replaced."""
+        if request_id in self._flights:
+            self.free(request_id)
+        flights = self._worker(worker)
+        blocks = tuple(block_hashes)
+        self._flights[request_id] = _Flight(worker, blocks, max(0, prefill_tokens))
+        flights.prefill_tokens += max(0, prefill_tokens)
+        refs = flights.block_refs
+        for block in blocks:
+            refs[block] = refs.get(block, 0) + 1
+
+    def prefill_done(self, request_id: str) -> None:
+        """Its first token came: its prompt no longer waits (unknown ids are ignored)."""
+        flight = self._flights.get(request_id)
+        if flight is None or flight.prefill_tokens == 0:
+            return
+        self._workers[flight.worker].prefill_tokens -= flight.prefill_tokens
+        flight.prefill_tokens = 0
+
+    def free(self, request_id: str) -> None:
+        """It ended (or was refused): its blocks are released (unknown ids are ignored)."""
+        self.prefill_done(request_id)
+        flight = self._flights.pop(request_id, None)
+        if flight is None:
+            return
+        refs = self._workers[flight.worker].block_refs
+        for block in flight.blocks:
+            count = refs[block] - 1
+            if count:
+                refs[block] = count
+            else:
+                del refs[block]
+
+    def forget(self, worker: str) -> None:
+        """Drop every flight of `worker` (it left the cluster)."""
+        for request_id in [r for r, f in self._flights.items() if f.worker == worker]:
+            del self._flights[request_id]
+        self._workers.pop(worker, None)
+
+    def prefill_tokens(self, worker: str) -> int:
+        flights = self._workers.get(worker)
+        return flights.prefill_tokens if flights is not None else 0
+
+    def num_blocks(self, worker: str) -> int:
+        flights = self._workers.get(worker)
+        return len(flights.block_refs) if flights is not None else 0
+
+    def matched(self, worker: str, block_hashes: Sequence[BlockHash]) -> int:
+        """Leading blocks of `block_hashes` already active on `worker`."""
+        flights = self._workers.get(worker)
+        if flights is None or not block_hashes or block_hashes[0] not in flights.block_refs:
+            return 0
+        refs = flights.block_refs
+        lo, hi = 1, len(block_hashes)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if block_hashes[mid - 1] in refs:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
