@@ -29,12 +29,13 @@ from kvqueue.gpu.hashing import BlockHash
 class _Flight:
     worker: str
     blocks: tuple[BlockHash, ...]
-    prefill_tokens: int  # 0 once its first token came
+    prefill_tokens: int  # −1 once its first token came
 
 
 @dataclass(slots=True)
 class _WorkerFlights:
     prefill_tokens: int = 0
+    prefilling: int = 0  # requests without a first token
     block_refs: dict[BlockHash, int] = field(default_factory=dict)
 
 
@@ -65,6 +66,7 @@ class ActiveSequences:
         blocks = tuple(block_hashes)
         self._flights[request_id] = _Flight(worker, blocks, max(0, prefill_tokens))
         flights.prefill_tokens += max(0, prefill_tokens)
+        flights.prefilling += 1
         refs = flights.block_refs
         for block in blocks:
             refs[block] = refs.get(block, 0) + 1
@@ -72,10 +74,12 @@ class ActiveSequences:
     def prefill_done(self, request_id: str) -> None:
         """Its first token came: its prompt no longer waits (unknown ids are ignored)."""
         flight = self._flights.get(request_id)
-        if flight is None or flight.prefill_tokens == 0:
+        if flight is None or flight.prefill_tokens < 0:
             return
-        self._workers[flight.worker].prefill_tokens -= flight.prefill_tokens
-        flight.prefill_tokens = 0
+        flights = self._workers[flight.worker]
+        flights.prefill_tokens -= flight.prefill_tokens
+        flights.prefilling -= 1
+        flight.prefill_tokens = -1  # done
 
     def free(self, request_id: str) -> None:
         """It ended (or was refused): its blocks are released (unknown ids are ignored)."""
@@ -100,6 +104,11 @@ class ActiveSequences:
     def prefill_tokens(self, worker: str) -> int:
         flights = self._workers.get(worker)
         return flights.prefill_tokens if flights is not None else 0
+
+    def prefilling(self, worker: str) -> int:
+        """Requests without a first token."""
+        flights = self._workers.get(worker)
+        return flights.prefilling if flights is not None else 0
 
     def num_blocks(self, worker: str) -> int:
         flights = self._workers.get(worker)

@@ -233,6 +233,7 @@ class InMemoryRouterState:
     ) -> None:
         self.workers = tuple(sorted(workers, key=worker_order))
         self.clock = clock or (lambda: time.monotonic() * 1000.0)
+        self.engine_reported = signals is not None
         self.signals = signals or (lambda worker: LoadSignals())
         self.index_mode = check_index_mode(index_mode)
         self.index = InMemoryIndex(self.clock)
@@ -294,6 +295,8 @@ class InMemoryRouterState:
                 active.prefill_tokens(w),
                 active.num_blocks(w),
                 self._indexed_blocks(w),
+                active.prefilling(w),
+                self.engine_reported,
             )
         mean_output = self._output_tokens / self._completed if self._completed else None
         return RouterView(

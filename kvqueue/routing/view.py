@@ -26,10 +26,13 @@ class WorkerLoad:
     moment of the decision; where a worker does not publish them (the live pipeline, for
     now) they keep their defaults, 0.
 
+    `engine_reported` says whether those four come from the worker's engine (else they are
+    the defaults and mean nothing).
+
     From the router's own records of what it has in flight (`kvqueue.routing.active`, as
     Dynamo's router keeps them): `active_prefill_tokens`, the uncached prompt tokens of the
-    worker's requests that have no first token yet, and `active_blocks`, the distinct full
-    prompt blocks of its unfinished requests. `indexed_blocks` is how many blocks the index
+    worker's requests that have no first token yet (`active_prefilling` of them), and
+    `active_blocks`, the distinct full prompt blocks of its unfinished requests. `indexed_blocks` is how many blocks the index
     (precise or approximate, whichever the router reads) holds for the worker.
     """
 
@@ -46,6 +49,8 @@ class WorkerLoad:
     active_prefill_tokens: int = 0
     active_blocks: int = 0
     indexed_blocks: int = 0
+    active_prefilling: int = 0
+    engine_reported: bool = False
 
     @property
     def kv_usage(self) -> float:

@@ -31,7 +31,8 @@ from kvqueue.report.evaluation.suite import (
     timed,
 )
 from kvqueue.report.metrics import ideal_hit_rate, summarize
-from kvqueue.routing.policies import POLICIES, policy_names
+from kvqueue.routing.policies import policy_names
+from kvqueue.routing.policies.base import parse_strategy
 from kvqueue.sim.simulation import Simulation, worker_names
 
 # Filled by `evaluate` before it forks, so worker processes inherit the built requests.
@@ -106,9 +107,8 @@ def evaluate(
     latency = latency or LatencyModel()
     engine = engine or EngineConfig()
     policies = list(policies or policy_names())
-    unknown = [p for p in policies if p not in POLICIES]
-    if unknown:
-        raise ValueError(f"unknown policies {unknown}; valid: {', '.join(policy_names())}")
+    for spec in policies:
+        parse_strategy(spec)  # an unknown name or index mode raises, listing the valid ones
     say = log or (lambda _: None)
     shapes: dict[str, tuple[list[Request], float, float, float | None]] = {}
     _WORKLOADS.clear()
