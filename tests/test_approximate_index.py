@@ -152,7 +152,7 @@ def test_sglang_defaults_are_the_gateways() -> None:
 def test_bad_rules_name_the_value() -> None:
     with pytest.raises(ValueError, match="-5"):
         ApproximateRules("x", ttl_ms=-5)
-    with pytest.raises(ValueError, match="1.5"):
+    with pytest.raises(ValueError, match=r"1\.5"):
         ApproximateRules("x", prune_to=1.5)
 
 

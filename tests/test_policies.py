@@ -35,11 +35,11 @@ from kvqueue.live.cluster import LocalCluster
 from kvqueue.live.run import run_live
 from kvqueue.report.evaluation import markdown, runner, suite
 from kvqueue.report.evaluation.rows import EngineRun
+from kvqueue.routing.engine_model import EngineModel
 from kvqueue.routing.policies.base import POLICIES, make_policy, policy_names
 from kvqueue.routing.policies.chwbl import BoundedLoadHashing
 from kvqueue.routing.policies.dynamo import DynamoKvRouter
 from kvqueue.routing.policies.llmd import LlmdScorers
-from kvqueue.routing.engine_model import EngineModel
 from kvqueue.routing.policies.preble import PrebleE2
 from kvqueue.routing.policies.preble_tree import PrebleScheduler
 from kvqueue.routing.policies.predictive import PredictiveTtft
@@ -242,7 +242,7 @@ def test_five_queued_requests_of_one_group_count_their_shared_prefix_once() -> N
     assert view.load("w0").active_blocks == 168
     assert view.active_matched("w0") == 128
     assert view.load("w0").active_prefill_tokens == 5 * 2176
-    (prefill, decode) = DynamoKvRouter().potential_loads(probe, view)["w0"]
+    _, decode = DynamoKvRouter().potential_loads(probe, view)["w0"]
     assert decode == 168 + 8
 
 
@@ -536,13 +536,98 @@ def test_predictive_backlog_credits_the_elapsed_service(
     assert PredictiveTtft(LATENCY).backlog_ms(make_view(w1=busy(0)), "w1") == 0.0
 
 
-def test_router_gives_its_latency_model_to_policies_that_price_in_ms() -> None:
+def test_router_gives_its_models_to_policies_that_price_in_ms() -> None:
     slow = LatencyModel(prefill_base_ms=50.0, prefill_per_block_ms=10.0)
     state = InMemoryRouterState(["worker-0"])
+    assert Router(state, make_policy("predictive"), slow).policy.latency is slow
+    engine = EngineModel(batched=True, latency=slow)
     for name in ("preble", "predictive"):
-        assert Router(state, make_policy(name), slow).policy.latency is slow
+        assert Router(state, make_policy(name), slow, engine).policy.engine is engine
     own = LatencyModel(prefill_base_ms=1.0)
     assert Router(state, PredictiveTtft(own), slow).policy.latency is own
+
+
+# -- predictive on the batched engine -------------------------------------------------------
+# The seed's constants as a step model: 5 ms + 2.5 ms per 16 prefill tokens if the step has
+# prefill, + 15 ms if it has decodes; 2,048 tokens per step.
+SEED_BATCHED = EngineModel(batched=True, latency=LATENCY, num_gpu_blocks=100)
+
+
+def engine_load(**fields) -> WorkerLoad:
+    return WorkerLoad(engine_reported=True, capacity_blocks=100, **fields)
+
+
+def test_batched_predictive_prices_the_steps_ahead_with_the_engine_model() -> None:
+    policy = PredictiveTtft(engine=SEED_BATCHED)
+    request = request_of(100)  # 1,600 tokens
+    view = make_view(
+        {"w1": 100},
+        w0=engine_load(),
+        w1=engine_load(requests=4, tokens=4000, num_running=4, engine_kv_usage=0.5),
+    )
+    # Idle and cold: one step of 1,600 prefill tokens: 5 + 1,600 × 2.5 / 16 = 255 ms.
+    assert policy.expected_ttft_ms(request, view, "w0") == pytest.approx(255.0)
+    # Holding it all behind 4 decodes: half the decode step now running (7.5 ms), then one
+    # step with its last token and the decodes: 5 + 2.5 / 16 + 15.
+    assert policy.expected_ttft_ms(request, view, "w1") == pytest.approx(7.5 + 20.15625)
+    assert policy.choose(request, view) == "w1"
+
+
+def test_batched_predictive_counts_the_prefill_queued_and_the_step_running() -> None:
+    policy = PredictiveTtft(engine=SEED_BATCHED)
+    view = make_view(
+        w0=engine_load(active_prefill_tokens=3000, num_queued_prefill_tokens=1000),
+    )
+    # 2,000 tokens are in the step now running (the router still counts them, the engine no
+    # longer): half of a 2,000-token step; then 1,000 queued + 64 of its own in one step.
+    assert policy.queued_prefill_tokens(view, "w0") == (2000, 1000)
+    running = (5 + 2000 * 2.5 / 16) / 2
+    assert policy.queue_ms(request_of(4), view, "w0") == pytest.approx(
+        running + 5 + 1064 * 2.5 / 16
+    )
+    # The engine counts waiting requests' hits as work; the router subtracted them.
+    hits = make_view(w0=engine_load(active_prefill_tokens=500, num_queued_prefill_tokens=3000))
+    assert policy.queued_prefill_tokens(hits, "w0") == (0, 500)
+    # A worker that reports nothing: the router's count is all queued.
+    unreported = make_view(w0=WorkerLoad(active_prefill_tokens=700, num_queued_prefill_tokens=0))
+    assert policy.queued_prefill_tokens(unreported, "w0") == (0, 700)
+
+
+def test_batched_predictive_waits_for_blocks_when_the_kv_cache_is_pinned_full() -> None:
+    policy = PredictiveTtft(engine=SEED_BATCHED)
+    # 90 of 100 blocks pinned by 3 running requests, 20 output tokens each on average.
+    view = make_view(
+        {"w0": 4},
+        mean_output_tokens=20.0,
+        w0=engine_load(requests=3, tokens=300, num_running=3, engine_kv_usage=0.9),
+    )
+    view = RouterView(
+        view.workers, view.matched_blocks, view.loads, mean_output_tokens=20.0,
+        active_matched_blocks={"w0": 4},
+    )  # fmt: skip
+    # It needs 30 blocks, 4 of them pinned already: 26 against 10 free → 16 short. Blocks come
+    # free at 90 per decode run (20 steps of 15 ms): 16 × 20 × 15 / 90 ms.
+    assert policy.kv_wait_ms(request_of(30), view, "w0") == pytest.approx(16 * 20 * 15 / 90)
+    roomy = make_view(w0=engine_load(requests=1, tokens=100, num_running=1, engine_kv_usage=0.1))
+    assert policy.kv_wait_ms(request_of(30), roomy, "w0") == 0.0
+
+
+def test_batched_predictive_weighs_a_miss_by_the_requests_awaiting_first_tokens() -> None:
+    policy = PredictiveTtft(engine=SEED_BATCHED)
+    view = make_view(
+        {"w1": 100},
+        w0=engine_load(active_prefilling=2),
+        w1=engine_load(active_prefilling=0),
+    )
+    assert policy.mean_outstanding(view) == 1.0  # (2 + 0) / 2 workers
+    request = request_of(100)
+    miss = policy.prefill_ms(request, view, "w0")
+    assert policy.cost_ms(request, view, "w0") == pytest.approx(
+        policy.expected_ttft_ms(request, view, "w0") + 1.0 * miss
+    )
+    assert PredictiveTtft(engine=SEED_BATCHED, externality=False).cost_ms(
+        request, view, "w0"
+    ) == pytest.approx(policy.expected_ttft_ms(request, view, "w0"))
 
 
 # -- every policy ---------------------------------------------------------------------------

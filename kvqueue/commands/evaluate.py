@@ -21,8 +21,10 @@ from kvqueue.report.evaluation.suite import (
     AZURE_REQUESTS,
     DEFAULT_DATA_DIR,
     EVALUATED_ENGINES,
+    INDEX_VARIANTS,
     MOONCAKE_REQUESTS,
 )
+from kvqueue.routing.approximate import INDEX_MODES
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -60,7 +62,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help=f"directory of the real traces (default {DEFAULT_DATA_DIR}); missing ones are "
         "left out",
     )
-    parser.add_argument("--policies", help="comma-separated policies (default: all registered)")
+    parser.add_argument(
+        "--policies",
+        help="comma-separated policies, each NAME or NAME:INDEX (default: all registered, "
+        "plus " + ", ".join(INDEX_VARIANTS) + ")",
+    )
     parser.add_argument("--workloads", help="comma-separated workload keys (default: all)")
     parser.add_argument("--jobs", type=int, help="processes (default: min(2, CPUs))")
     parser.add_argument(
@@ -87,6 +93,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         + ",".join(f"{e.engine}:{e.latency}" for e in EVALUATED_ENGINES)
         + ")",
     )
+    parser.add_argument(
+        "--index",
+        choices=INDEX_MODES,
+        help="run every policy on this index (default: each on its upstream's, plus the "
+        "other index for the policies whose upstream runs both)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
@@ -107,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         azure_requests=args.azure_requests,
         quiet=args.quiet,
         engines=parse_engines(args.engines),
+        index_mode=args.index,
     )
     print(f"wrote {markdown} and {', '.join(str(f) for f in figures)}")
     return 0

@@ -253,7 +253,9 @@ class RoutedIndex:
         if interval is not None and self._next_sweep_ms is not None and now >= self._next_sweep_ms:
             # Nothing changed since the last operation, so one sweep stands for all missed.
             self._enforce_caps()
-            self._next_sweep_ms += interval * (1 + math.floor((now - self._next_sweep_ms) / interval))
+            self._next_sweep_ms += interval * (
+                1 + math.floor((now - self._next_sweep_ms) / interval)
+            )
 
     def _cap(self, worker: str) -> int | None:
         rules = self.rules

@@ -16,7 +16,7 @@ the workers' own (`docs/latency.md`):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvqueue.gpu.engines import EngineConfig
 from kvqueue.gpu.hashing import BLOCK_SIZE
@@ -36,10 +36,10 @@ class EngineModel:
     """
 
     batched: bool = False
-    latency: LatencyModel = LatencyModel()
+    latency: LatencyModel = field(default_factory=LatencyModel)
     pricing: SequentialStepPricing | None = None
-    step_cost: StepCost = SeedStepCost()
-    scheduler: SchedulerConfig = SchedulerConfig()
+    step_cost: StepCost = field(default_factory=SeedStepCost)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     num_gpu_blocks: int = 0
     block_size: int = BLOCK_SIZE
 

@@ -32,8 +32,9 @@ class WorkerLoad:
     From the router's own records of what it has in flight (`kvqueue.routing.active`, as
     Dynamo's router keeps them): `active_prefill_tokens`, the uncached prompt tokens of the
     worker's requests that have no first token yet (`active_prefilling` of them), and
-    `active_blocks`, the distinct full prompt blocks of its unfinished requests. `indexed_blocks` is how many blocks the index
-    (precise or approximate, whichever the router reads) holds for the worker.
+    `active_blocks`, the distinct full prompt blocks of its unfinished requests.
+    `indexed_blocks` is how many blocks the index (precise or approximate, whichever the
+    router reads) holds for the worker.
     """
 
     requests: int = 0

@@ -64,9 +64,9 @@ def run_strategies(
 
     Every strategy sees the same requests; the result maps each strategy (in the given
     order) to its run: results and engine statistics. Strategies and the engine are
-    validated before anything runs. `progress(n)` is
-    called as requests end, over all strategies. `index_mode` applies to every strategy
-    that does not name its own (else each reads its upstream's default). With ``jobs > 1`` strategies run in that
+    validated before anything runs. `progress(n)` is called as requests end, over all
+    strategies. `index_mode` applies to every strategy that does not name its own (else each
+    reads its upstream's default). With ``jobs > 1`` strategies run in that
     many forked processes (they share nothing, so the results are identical to a serial
     run); where fork is unavailable they run serially.
     """

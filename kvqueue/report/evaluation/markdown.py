@@ -16,6 +16,7 @@ from pathlib import Path
 from kvqueue.gpu.engines import EngineConfig
 from kvqueue.gpu.latency import LatencyModel
 from kvqueue.report.evaluation.figure import plot_p99_vs_hit
+from kvqueue.report.evaluation.index_modes import index_section
 from kvqueue.report.evaluation.rows import EngineRun, PolicyRow, WorkloadReport
 from kvqueue.report.evaluation.suite import (
     COMMAND,
@@ -29,7 +30,9 @@ from kvqueue.routing.policies import POLICIES, policy_names
 DISCUSSION_START = "<!-- discussion:start -->"
 DISCUSSION_END = "<!-- discussion:end -->"
 ENGINES_DISCUSSION = "engines"  # the written comparison of the engine models
-DISCUSSIONS = ("", ENGINES_DISCUSSION)  # "" is the main discussion
+INDEX_DISCUSSION = "index"  # what the precise vs approximate tables show
+UPSTREAM_DISCUSSION = "upstream"  # per policy: what matches its upstream, what cannot
+DISCUSSIONS = ("", ENGINES_DISCUSSION, INDEX_DISCUSSION, UPSTREAM_DISCUSSION)  # "": the main one
 
 
 def markers(name: str = "") -> tuple[str, str]:
@@ -64,14 +67,14 @@ def _best(rows: Sequence[PolicyRow], field: str, highest: bool = False) -> set[s
 
 
 TABLE_HEADER = (
-    "| policy | hit rate | TTFT mean (s) | TTFT p90 (s) | TTFT p99 (s) | e2e mean (s) "
+    "| policy | index | hit rate | TTFT mean (s) | TTFT p90 (s) | TTFT p99 (s) | e2e mean (s) "
     "| imbalance | ideal hit rate | matched, lost |\n"
-    "|---|--:|--:|--:|--:|--:|--:|--:|--:|"
+    "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"
 )
 TPOT_TABLE_HEADER = (
-    "| policy | hit rate | TTFT mean (s) | TTFT p90 (s) | TTFT p99 (s) | e2e mean (s) "
+    "| policy | index | hit rate | TTFT mean (s) | TTFT p90 (s) | TTFT p99 (s) | e2e mean (s) "
     "| TPOT p99 (ms) | imbalance | ideal hit rate | matched, lost |\n"
-    "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+    "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
 )
 
 
@@ -99,7 +102,7 @@ def workload_table(report: WorkloadReport, with_tpot: bool = False) -> str:
         name = f"**{r.policy}**" if r.policy == HIGHLIGHT else r.policy
         tpot = f"| {cell(r, 'tpot_p99_ms', _ms(r.tpot_p99_ms))} " if with_tpot else ""
         lines.append(
-            f"| {name} | {cell(r, 'hit_rate', _pct(r.hit_rate))} "
+            f"| {name} | {r.index_mode} | {cell(r, 'hit_rate', _pct(r.hit_rate))} "
             f"| {cell(r, 'ttft_mean_ms', _s(r.ttft_mean_ms))} "
             f"| {cell(r, 'ttft_p90_ms', _s(r.ttft_p90_ms))} "
             f"| {cell(r, 'ttft_p99_ms', _s(r.ttft_p99_ms))} "
@@ -145,7 +148,7 @@ def policy_parameters() -> str:
             f"`{p.name}={p.default!r}`"
             for p in inspect.signature(cls.__init__).parameters.values()
             if p.name != "self" and p.default is not inspect.Parameter.empty
-            and p.name != "latency"
+            and p.name not in ("latency", "engine")
         ]  # fmt: skip
         doc = (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")
         lines.append(f"| `{name}` | {', '.join(params) or '–'} | {doc} |")
@@ -348,6 +351,13 @@ def render_markdown(
             *_discussion(discussions, ENGINES_DISCUSSION),
             "",
         ]
+    out += [*index_section(runs), *_discussion(discussions, INDEX_DISCUSSION), ""]
+    out += [
+        "## Each policy against its upstream",
+        "",
+        *_discussion(discussions, UPSTREAM_DISCUSSION),
+        "",
+    ]
     for run in runs:
         out += _engine_section(run, latency, jobs)
     out += [

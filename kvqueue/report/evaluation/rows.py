@@ -9,7 +9,8 @@ from kvqueue.gpu.engines import EngineConfig
 
 @dataclass(frozen=True, slots=True)
 class PolicyRow:
-    """One policy on one workload: the table row, from the run's `summarize`."""
+    """One policy on one workload: the table row, from the run's `summarize`. `policy` is
+    the strategy as run (``llmd`` or ``llmd:approximate``), `index_mode` the index it read."""
 
     policy: str
     hit_rate: float | None
@@ -25,6 +26,12 @@ class PolicyRow:
     completed: int
     rejected: int
     wall_s: float
+    index_mode: str = "precise"
+
+    @property
+    def policy_name(self) -> str:
+        """The registered policy, without an index suffix."""
+        return self.policy.partition(":")[0]
 
 
 @dataclass(frozen=True, slots=True)

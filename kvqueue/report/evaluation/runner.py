@@ -21,6 +21,7 @@ from kvqueue.report.evaluation.suite import (
     AZURE_REQUESTS,
     DEFAULT_DATA_DIR,
     EVALUATED_ENGINES,
+    INDEX_VARIANTS,
     MOONCAKE_FILE,
     MOONCAKE_REQUESTS,
     SuiteWorkload,
@@ -45,11 +46,18 @@ def run_policy(
     policy: str,
     latency: LatencyModel,
     engine: EngineConfig | None = None,
+    index_mode: str | None = None,
 ) -> PolicyRow:
-    """Simulate one policy on one workload's timed requests (fresh state) and summarize it."""
+    """Simulate one policy (``name`` or ``name:index``) on one workload's timed requests
+    (fresh state) and summarize it; `index_mode` applies unless the policy names its own."""
     clock = time.perf_counter()
     simulation = Simulation(
-        policy, workload.num_workers, get_preset(workload.preset), latency, engine=engine
+        policy,
+        workload.num_workers,
+        get_preset(workload.preset),
+        latency,
+        engine=engine,
+        index_mode=index_mode,
     )
     matched: dict[str, int] = {}
     route = simulation.router.route
@@ -82,13 +90,16 @@ def run_policy(
         completed=summary["completed"],
         rejected=summary["rejected"],
         wall_s=time.perf_counter() - clock,
+        index_mode=simulation.index_mode,
     )
 
 
-def _task(args: tuple[str, str, LatencyModel, EngineConfig]) -> tuple[str, PolicyRow]:
-    key, policy, latency, engine = args
+def _task(
+    args: tuple[str, str, LatencyModel, EngineConfig, str | None],
+) -> tuple[str, PolicyRow]:
+    key, policy, latency, engine, index_mode = args
     workload, requests = _WORKLOADS[key]
-    return key, run_policy(workload, requests, policy, latency, engine)
+    return key, run_policy(workload, requests, policy, latency, engine, index_mode)
 
 
 def evaluate(
@@ -98,15 +109,17 @@ def evaluate(
     jobs: int = 1,
     log: Callable[[str], None] | None = None,
     engine: EngineConfig | None = None,
+    index_mode: str | None = None,
 ) -> list[WorkloadReport]:
     """Run every policy on every workload under `engine` (the sequential engine with the seed's
     latency by default); one report per workload, in suite order.
 
-    Runs go to `jobs` processes (1: in this process), biggest workloads first.
+    `policies` defaults to `default_policies(index_mode)`. Runs go to `jobs` processes (1: in
+    this process), biggest workloads first.
     """
     latency = latency or LatencyModel()
     engine = engine or EngineConfig()
-    policies = list(policies or policy_names())
+    policies = list(policies or default_policies(index_mode))
     for spec in policies:
         parse_strategy(spec)  # an unknown name or index mode raises, listing the valid ones
     say = log or (lambda _: None)
@@ -120,7 +133,7 @@ def evaluate(
         shapes[workload.key] = (timed_requests, rate, capacity, scale)
         _WORKLOADS[workload.key] = (workload, timed_requests)
     size = {w.key: sum(r.num_blocks for r in shapes[w.key][0]) for w in suite}
-    tasks = [(w.key, p, latency, engine) for w in suite for p in policies]
+    tasks = [(w.key, p, latency, engine, index_mode) for w in suite for p in policies]
     tasks.sort(key=lambda t: -size[t[0]])
     rows: dict[str, dict[str, PolicyRow]] = {w.key: {} for w in suite}
     started = time.perf_counter()
@@ -162,6 +175,14 @@ def evaluate(
     return reports
 
 
+def default_policies(index_mode: str | None = None) -> list[str]:
+    """Every registered policy on its upstream's index, plus `INDEX_VARIANTS`; with
+    `index_mode`, every policy on that index only."""
+    if index_mode is not None:
+        return policy_names()
+    return [*policy_names(), *INDEX_VARIANTS]
+
+
 def _served_ideal(requests: Sequence[Request], rows: Sequence[PolicyRow]) -> float | None:
     """The ideal over the requests the runs served (every policy completes the same ones; a
     request the preset can never serve is rejected by all)."""
@@ -191,6 +212,7 @@ def run_suite(
     azure_requests: int = AZURE_REQUESTS,
     quiet: bool = False,
     engines: Sequence[EngineConfig] = EVALUATED_ENGINES,
+    index_mode: str | None = None,
 ) -> tuple[Path, list[Path]]:
     """Build the suite, run it under every engine, write the report; the one call behind both
     entry points. Returns the markdown and its figures (one per engine)."""
@@ -215,6 +237,6 @@ def run_suite(
     for engine in engines:
         log(f"-- {engine_title(engine)}")
         started = time.perf_counter()
-        reports = evaluate(suite, policies, latency, jobs, log, engine)
+        reports = evaluate(suite, policies, latency, jobs, log, engine, index_mode)
         runs.append(EngineRun(engine, reports, time.perf_counter() - started))
     return write_report(runs, out, latency, jobs)

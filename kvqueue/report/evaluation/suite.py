@@ -10,6 +10,13 @@ writes ``docs/policies.md`` (one table per workload) and its figures
 engine with the seed's latency constants (the default everywhere) and the batched engine with
 the calibrated per-preset step model.
 
+**Policies.** Every registered policy on the index its upstream reads by default, plus the
+other index for the policies whose upstream runs both (`INDEX_VARIANTS`: Dynamo's
+``--no-kv-events``, llm-d's approximate prefix producer, SGLang's event-driven mode).
+
+**Loads.** Every workload with shared prefixes at 50%, 80% and 110% of the engine's cold
+capacity (`LOADS`); the two without sharing, controls, at 80%.
+
 **Arrival rates.** A workload's load is set against the capacity of a cluster that caches
 nothing, so "110%" overloads it and cache hits are headroom a policy earns. For the
 sequential engine capacity follows from the *cold* mean service time — every block computed,
@@ -66,6 +73,10 @@ MOONCAKE_REQUESTS = 1_500  # the trace's last ones: see `mooncake_tail`
 AZURE_REQUESTS = 2_000  # the trace's first ones
 SEED = 0
 HIGHLIGHT = "predictive"
+LOADS = (0.5, 0.8, 1.1)
+CONTROL_LOAD = 0.8
+# Policies whose upstream runs both indexes: each is evaluated on the other one too.
+INDEX_VARIANTS = ("sglang:precise", "dynamo:approximate", "llmd:approximate")
 EVALUATED_ENGINES = (EngineConfig("sequential", "seed"), EngineConfig("batched", "calibrated"))
 
 
@@ -127,6 +138,9 @@ def default_suite(
     def shared_prefix() -> list[Request]:
         return make_workload("shared-prefix", n(1024), seed=SEED)
 
+    def multi_turn() -> list[Request]:
+        return make_workload("multi-turn", n(512), seed=SEED, num_conversations=64, turns=8)
+
     suite = [
         SuiteWorkload(
             f"shared-prefix-{round(100 * u)}",
@@ -137,27 +151,30 @@ def default_suite(
             u,
             "poisson",
         )
-        for u in (0.5, 0.8, 1.1)
+        for u in LOADS
     ]
     suite += [
         SuiteWorkload(
-            "multi-turn",
-            "Multi-turn chat, 80% load",
+            f"multi-turn-{round(100 * u)}",
+            f"Multi-turn chat, {round(100 * u)}% load",
             "64 conversations × 8 turns (64-token user turns, 128-token answers; turn k's "
             "prompt is turn k−1's plus its answer), turn-major order",
-            lambda: make_workload("multi-turn", n(512), seed=SEED, num_conversations=64, turns=8),
-            0.8,
+            multi_turn,
+            u,
             "poisson",
-        ),
+        )
+        for u in LOADS
+    ]
+    suite.append(
         SuiteWorkload(
             "no-sharing",
-            "No sharing, 80% load",
+            f"No sharing, {round(100 * CONTROL_LOAD)}% load",
             "1,024 random 576-token prompts, 32 output tokens, no two sharing a block",
             lambda: make_workload("no-sharing", n(1024), seed=SEED),
-            0.8,
+            CONTROL_LOAD,
             "poisson",
-        ),
-    ]
+        )
+    )
     mooncake = data_dir / MOONCAKE_FILE
     if mooncake.exists():
         suite += [
@@ -171,18 +188,18 @@ def default_suite(
                 "trace",
                 TRACE_PRESET,
             )
-            for u in (0.7, 1.1)
+            for u in LOADS
         ]
     azure = data_dir / AZURE_FILE
     if azure.exists():
         suite.append(
             SuiteWorkload(
                 "azure-conv",
-                "Azure conversation trace, 80% load",
+                f"Azure conversation trace, {round(100 * CONTROL_LOAD)}% load",
                 f"the first {azure_requests:,} requests of {AZURE_FILE} (lengths only: no "
                 "prefix sharing), trace arrival pattern",
                 lambda: read_azure(azure, limit=azure_requests),
-                0.8,
+                CONTROL_LOAD,
                 "trace",
                 TRACE_PRESET,
             )

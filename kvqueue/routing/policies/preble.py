@@ -69,9 +69,10 @@ class PrebleE2:
         """The scheduler state, made for the first view's workers (GPU i = worker i)."""
         if self._scheduler is None:
             engine = self.engine or EngineModel()
-            capacity = max(
-                (view.load(w).capacity_blocks for w in view.workers), default=0
-            ) or engine.num_gpu_blocks
+            capacity = (
+                max((view.load(w).capacity_blocks for w in view.workers), default=0)
+                or engine.num_gpu_blocks
+            )
             self._workers = view.workers
             self._gpus = {w: i for i, w in enumerate(view.workers)}
             self._scheduler = PrebleScheduler(
@@ -97,10 +98,8 @@ class PrebleE2:
                 gpu = state.min_load_cost(leaf, live)
         elif important is not None and state.exploits(leaf):
             allocation = sorted(state.allocation_of(leaf))
-            if len(allocation) == 1:
-                gpu = allocation[0]
-            else:
-                gpu = state.min_load_cost(leaf, allocation)
+            only = len(allocation) == 1
+            gpu = allocation[0] if only else state.min_load_cost(leaf, allocation)
         else:
             gpu = state.min_load_cost(leaf, live)
         decode = request.max_tokens if request.max_tokens is not None else DEFAULT_DECODE_TOKENS

@@ -41,14 +41,14 @@ class Node:
     """A tree node: a run of blocks (`key`) under `parent`. Identity is the object."""
 
     __slots__ = (
-        "key",
-        "children",
-        "parent",
-        "ref_counter",
-        "last_access",
         "cached_gpus",
+        "children",
         "context_blocks",
         "depth",
+        "key",
+        "last_access",
+        "parent",
+        "ref_counter",
         "seq",
     )
 
@@ -117,7 +117,9 @@ class PrebleScheduler:
         self.nodes: list[Node] = [self.root]
         self.allocations: dict[Node, set[int]] = {}
         self.allocated_tokens = [0] * num_gpus
-        self.cached_on: list[set[Node]] = [set() for _ in range(num_gpus)]  # node.cached_gpus, by GPU
+        self.cached_on: list[set[Node]] = [
+            set() for _ in range(num_gpus)
+        ]  # node.cached_gpus, by GPU
         self.window = _Window()
         self.per_gpu_load = [0] * num_gpus  # routed requests, never decremented
         self.tpot_ms = [deque([TPOT_PRIOR_MS], maxlen=TPOT_HISTORY) for _ in range(num_gpus)]
