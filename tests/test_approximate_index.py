@@ -23,6 +23,7 @@ from kvqueue.routing.approximate import (
     RoutedIndex,
 )
 from kvqueue.routing.policies.base import parse_strategy, resolve_index_mode
+from kvqueue.routing.recency import AllocationClock
 from kvqueue.routing.router import Decision
 from kvqueue.routing.state import InMemoryRouterState
 from kvqueue.sim.simulation import Simulation
@@ -252,3 +253,32 @@ def test_the_simulator_tells_the_router_of_first_tokens_and_ends(engine: EngineC
     for worker in final.workers:
         assert final.load(worker).active_prefill_tokens == 0
         assert final.load(worker).active_blocks == 0
+
+
+# -- the router's clock of allocations (how close a released block is to eviction) ---------------
+def test_a_released_block_ages_by_the_blocks_its_worker_allocates_after() -> None:
+    clock = AllocationClock()
+    system = chain("system", 3)
+    clock.allocate("w0", 10)
+    assert clock.since("w0", system[0]) is None  # never released there
+    clock.release("w0", system)
+    clock.allocate("w0", 7)
+    clock.allocate("w1", 100)  # another worker's allocations do not age w0's blocks
+    assert clock.since("w0", system[2]) == 7
+    clock.release("w0", system[:1])  # used again: the root block is young again
+    clock.allocate("w0", 2)
+    assert [clock.since("w0", b) for b in system] == [2, 9, 9]
+
+
+def test_the_state_ages_blocks_from_the_end_of_the_request_that_used_them() -> None:
+    state = InMemoryRouterState(["w0"], clock=lambda: 0.0)
+    first = make_request("a", chain("a", 4), max_tokens=32)
+    state.commit(first, Decision("w0", "t", 0, 64 + 32, prefill_tokens=64))
+    view = state.view(first, take_ticket=False)
+    assert view.blocks_since_use("w0", first.block_hashes[0]) is None  # still running
+    state.complete("w0", 96, request_id="a")
+    second = make_request("b", chain("b", 4), max_tokens=16)
+    state.commit(second, Decision("w0", "t", 0, 64 + 16, prefill_tokens=64))
+    view = state.view(first, take_ticket=False)
+    # b allocates its 4 uncached prompt blocks and 1 output block after a was released.
+    assert view.blocks_since_use("w0", first.block_hashes[3]) == 5

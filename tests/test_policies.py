@@ -612,6 +612,31 @@ def test_batched_predictive_waits_for_blocks_when_the_kv_cache_is_pinned_full() 
     assert policy.kv_wait_ms(request_of(30), roomy, "w0") == 0.0
 
 
+def test_batched_predictive_expects_an_old_unpinned_prefix_to_be_evicted_first() -> None:
+    """A match survives until admission if pinned by an in-flight request, or if fewer blocks
+    were allocated since its release (plus the queued prefill's) than the worker has unpinned."""
+    policy = PredictiveTtft(engine=SEED_BATCHED)
+    request = request_of(10)
+    ages = {h: 5 * i for i, h in enumerate(request.block_hashes)}  # deeper: released earlier
+
+    def view_of(usage: float, active: int, queued: int = 0) -> RouterView:
+        load = engine_load(engine_kv_usage=usage, active_prefill_tokens=queued,
+                           num_queued_prefill_tokens=queued)  # fmt: skip
+        return RouterView(
+            ("w0",), {"w0": 10}, {"w0": load}, active_matched_blocks={"w0": active},
+            blocks_since_use=lambda worker, block: ages[block],
+        )  # fmt: skip
+
+    # 25 unpinned blocks: blocks aged 0..20 survive (< 25), those aged 25 and more do not.
+    assert policy.matched_at_admission(request, view_of(0.75, 0), "w0") == 5
+    # 160 queued prefill tokens will allocate 10 more blocks first: only ages below 15 stay.
+    assert policy.matched_at_admission(request, view_of(0.75, 0, 160), "w0") == 3
+    # Pinned blocks stay whatever their age.
+    assert policy.matched_at_admission(request, view_of(0.99, 8), "w0") == 8
+    # A roomy cache keeps the whole match.
+    assert policy.matched_at_admission(request, view_of(0.0, 0), "w0") == 10
+
+
 def test_batched_predictive_weighs_a_miss_by_the_requests_awaiting_first_tokens() -> None:
     policy = PredictiveTtft(engine=SEED_BATCHED)
     view = make_view(

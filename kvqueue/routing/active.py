@@ -95,6 +95,11 @@ class ActiveSequences:
             else:
                 del refs[block]
 
+    def blocks_of(self, request_id: str) -> tuple[BlockHash, ...]:
+        """The chain of a request in flight (empty if unknown)."""
+        flight = self._flights.get(request_id)
+        return flight.blocks if flight is not None else ()
+
     def forget(self, worker: str) -> None:
         """Drop every flight of `worker` (it left the cluster)."""
         for request_id in [r for r, f in self._flights.items() if f.worker == worker]:

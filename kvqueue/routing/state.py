@@ -15,6 +15,7 @@ import redis
 
 from kvqueue import keys
 from kvqueue.gpu.events import CacheEvent
+from kvqueue.gpu.hashing import BLOCK_SIZE
 from kvqueue.gpu.load_signals import LoadSignals
 from kvqueue.gpu.request import Request
 from kvqueue.routing import worker_scripts
@@ -27,6 +28,7 @@ from kvqueue.routing.approximate import (
 )
 from kvqueue.routing.index import InMemoryIndex, apply_events
 from kvqueue.routing.membership import JobRecord, ledger_keys
+from kvqueue.routing.recency import AllocationClock
 from kvqueue.routing.redis_index import RedisIndex
 from kvqueue.routing.router import Decision
 from kvqueue.routing.view import RouterView, WorkerLoad, worker_order
@@ -239,6 +241,7 @@ class InMemoryRouterState:
         self.index = InMemoryIndex(self.clock)
         self.routed = RoutedIndex(approximate, self.clock) if index_mode == "approximate" else None
         self.active = ActiveSequences()
+        self.recency = AllocationClock()
         self.pending_ttl_ms = pending_ttl_ms
         self.requests = dict.fromkeys(self.workers, 0)
         self.tokens = dict.fromkeys(self.workers, 0)
@@ -246,7 +249,8 @@ class InMemoryRouterState:
         self.used_blocks = dict.fromkeys(self.workers, 0)
         self.capacity_blocks = dict.fromkeys(self.workers, 0)
         self.busy_since = dict.fromkeys(self.workers, 0.0)  # see RedisRouterState
-        self._first_tokens: list[tuple[float, int, str]] = []  # (time, seq, request id) heap
+        self._first_tokens: list[tuple[float, int, str, str]] = []  # (time, seq, id, worker)
+        self.last_token_ms: dict[str, float | None] = dict.fromkeys(self.workers)
         self._first_token_seq = 0
         self._output_tokens = 0
         self._completed = 0
@@ -267,8 +271,9 @@ class InMemoryRouterState:
     def _apply_first_tokens(self, now: float) -> None:
         due = self._first_tokens
         while due and due[0][0] <= now:
-            _, _, request_id = heapq.heappop(due)
+            at, _, request_id, worker = heapq.heappop(due)
             self.active.prefill_done(request_id)
+            self._saw_token(worker, at)
 
     def view(self, request: Request, take_ticket: bool) -> RouterView:
         if take_ticket:
@@ -297,6 +302,7 @@ class InMemoryRouterState:
                 self._indexed_blocks(w),
                 active.prefilling(w),
                 self.engine_reported,
+                _since(now, self.last_token_ms[w]),
             )
         mean_output = self._output_tokens / self._completed if self._completed else None
         return RouterView(
@@ -309,6 +315,7 @@ class InMemoryRouterState:
             self.index_mode,
             {w: active.matched(w, hashes) for w in self.workers},
             now,
+            self.recency.since,
         )
 
     def commit(self, request: Request, decision: Decision, pipeline: Any = None) -> None:
@@ -319,6 +326,7 @@ class InMemoryRouterState:
         self.active.add(
             request.request_id, decision.worker, request.block_hashes, decision.prefill_tokens
         )
+        self.recency.allocate(decision.worker, allocated_blocks(request, decision))
         if self.requests[decision.worker] == 0:  # Redis relies on decision.worker_idle
             self.busy_since[decision.worker] = self.clock()
         self.requests[decision.worker] += 1
@@ -330,7 +338,7 @@ class InMemoryRouterState:
     def first_token(self, worker: str, request_id: str, at_ms: float | None = None) -> None:
         at = self.clock() if at_ms is None else at_ms
         self._first_token_seq += 1
-        heapq.heappush(self._first_tokens, (at, self._first_token_seq, request_id))
+        heapq.heappush(self._first_tokens, (at, self._first_token_seq, request_id, worker))
         self._apply_first_tokens(self.clock())
 
     def complete(
@@ -348,12 +356,20 @@ class InMemoryRouterState:
         self.work_ms[worker] -= estimated_ms
         self.busy_since[worker] = self.clock()
         if request_id is not None:
+            self.recency.release(worker, self.active.blocks_of(request_id))
             self.active.free(request_id)
+        if output_tokens:
+            self._saw_token(worker, self.clock())
         if used_blocks is not None:
             self.used_blocks[worker] = used_blocks
         if output_tokens is not None:
             self._output_tokens += output_tokens
             self._completed += 1
+
+    def _saw_token(self, worker: str, at_ms: float) -> None:
+        last = self.last_token_ms.get(worker)
+        if last is None or at_ms > last:
+            self.last_token_ms[worker] = at_ms
 
     def register_capacity(self, worker: str, capacity_blocks: int, pipeline: Any = None) -> None:
         self.capacity_blocks[worker] = capacity_blocks
@@ -365,3 +381,14 @@ class InMemoryRouterState:
     def apply_events(self, worker: str, events: Sequence[CacheEvent]) -> None:
         if self.routed is None:  # an approximate index never hears from a GPU
             apply_events(self.index, worker, events)
+
+
+def _since(now: float, then: float | None) -> float | None:
+    return None if then is None else max(0.0, now - then)
+
+
+def allocated_blocks(request: Request, decision: Decision) -> int:
+    """Blocks a routed request allocates on its worker, as the router predicts: its uncached
+    prompt's, then one per 16 tokens of its declared output."""
+    prompt_blocks = -(-decision.prefill_tokens // BLOCK_SIZE)
+    return prompt_blocks + (request.max_tokens or 0) // BLOCK_SIZE

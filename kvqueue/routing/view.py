@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+
+from kvqueue.gpu.hashing import BlockHash
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +29,9 @@ class WorkerLoad:
     now) they keep their defaults, 0.
 
     `engine_reported` says whether those four come from the worker's engine (else they are
-    the defaults and mean nothing).
+    the defaults and mean nothing). `since_token_ms` is the time since the worker's last
+    output token the router saw (a first token or a request's end, both step boundaries of
+    a batched engine); None before any.
 
     From the router's own records of what it has in flight (`kvqueue.routing.active`, as
     Dynamo's router keeps them): `active_prefill_tokens`, the uncached prompt tokens of the
@@ -52,6 +56,7 @@ class WorkerLoad:
     indexed_blocks: int = 0
     active_prefilling: int = 0
     engine_reported: bool = False
+    since_token_ms: float | None = None
 
     @property
     def kv_usage(self) -> float:
@@ -66,7 +71,9 @@ class RouterView:
     ``"precise"`` (the workers' cache events plus pending marks) or ``"approximate"`` (what
     the router itself routed, `kvqueue.routing.approximate`). `active_matched_blocks` is the
     leading run of the request's blocks among each worker's active blocks (`WorkerLoad`).
-    `now_ms` is the router's clock (virtual ms in the simulator).
+    `now_ms` is the router's clock (virtual ms in the simulator). `blocks_since_use(w, block)`
+    is how many blocks w has allocated since a request using `block` last ended there
+    (`kvqueue.routing.recency`; None if none did, or if the router keeps no such record).
     """
 
     workers: tuple[str, ...]
@@ -78,6 +85,9 @@ class RouterView:
     index_mode: str = "precise"
     active_matched_blocks: Mapping[str, int] = field(default_factory=dict)
     now_ms: float = 0.0
+    blocks_since_use: Callable[[str, BlockHash], int | None] = field(
+        default=lambda worker, block: None, repr=False, compare=False
+    )
 
     def load(self, worker: str) -> WorkerLoad:
         return self.loads.get(worker, WorkerLoad())

@@ -148,12 +148,59 @@ class PredictiveTtft:
             return routed - queued, queued
         return 0, routed
 
+    def matched_at_admission(self, request: Request, view: RouterView, worker: str) -> int:
+        """The part of the match expected to still be cached when the request is admitted.
+
+        Blocks pinned by the worker's in-flight requests stay. An unpinned block survives the
+        worker's LRU eviction while fewer blocks have been allocated since it was released —
+        plus those the prefill queued ahead will allocate — than the worker has unpinned:
+        ``since_use + ahead < (1 − usage) × capacity``. Stamps never increase with depth,
+        so the surviving part is a leading run, found by binary search.
+        """
+        matched = view.matched(worker)
+        load = view.load(worker)
+        safe = min(matched, view.active_matched(worker))
+        if matched <= safe or not load.engine_reported or load.capacity_blocks <= 0:
+            return matched
+        room = (1.0 - load.engine_kv_usage) * load.capacity_blocks
+        ahead = self.queued_prefill_tokens(view, worker)[1] / BLOCK_SIZE
+        hashes = request.block_hashes
+
+        def survives(position: int) -> bool:
+            since = view.blocks_since_use(worker, hashes[position])
+            return since is None or since + ahead < room
+
+        lo, hi = safe, matched  # the answer lies in [safe, matched]
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if survives(mid - 1):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
     def _batch(self, view: RouterView, worker: str) -> tuple[int, int]:
         """(decoding requests B, their summed context K) on `worker`."""
         load = view.load(worker)
         batch = load.num_running if load.engine_reported else load.requests
         context = batch * (load.tokens / load.requests) if load.requests else 0.0
         return batch, int(context)
+
+    def step_left_ms(self, view: RouterView, worker: str) -> float:
+        """Expected time left of the step `worker` is running now.
+
+        With prefill in it, half of it (arriving at a uniformly random point). Decodes only:
+        steps of one length d follow one another since the worker's last token the router saw
+        (a step boundary), so d − (time since then mod d) is left; with no token seen yet, d/2.
+        """
+        assert self.engine is not None
+        batch, context = self._batch(view, worker)
+        running, _ = self.queued_prefill_tokens(view, worker)
+        step = self.engine.step_cost.step_ms(StepShape(running, running * running, batch, context))
+        since = view.load(worker).since_token_ms
+        if running or since is None or step <= 0:
+            return step / 2
+        return step - since % step
 
     def queue_ms(self, request: Request, view: RouterView, worker: str) -> float:
         """Half the step now running, then the steps that compute the queued prefill and this
@@ -165,10 +212,12 @@ class PredictiveTtft:
         running, queued = self.queued_prefill_tokens(view, worker)
         cost = engine.step_cost
         total = 0.0
-        if running or batch:  # arriving at a uniformly random point of the current step
-            total += cost.step_ms(StepShape(running, running * running, batch, context)) / 2
+        if running or batch:
+            total += self.step_left_ms(view, worker)
         room = max(1, engine.scheduler.max_num_batched_tokens - batch)
-        todo = queued + max(1, uncached_tokens(request, view.matched(worker)))
+        todo = queued + max(
+            1, uncached_tokens(request, self.matched_at_admission(request, view, worker))
+        )
         full, rest = divmod(todo, room)
         if full:
             total += full * cost.step_ms(StepShape(room, room * room, batch, context))
@@ -179,7 +228,7 @@ class PredictiveTtft:
     def own_attention_ms(self, request: Request, view: RouterView, worker: str) -> float:
         """Its chunks' attention over its cached prefix, beyond what `queue_ms` priced."""
         assert self.engine is not None
-        new = max(1, uncached_tokens(request, view.matched(worker)))
+        new = max(1, uncached_tokens(request, self.matched_at_admission(request, view, worker)))
         cached = request.num_prompt_tokens - new
         with_prefix = self.engine.step_cost.step_ms(StepShape(new, chunk_attention(new, cached)))
         without = self.engine.step_cost.step_ms(StepShape(new, chunk_attention(new, 0)))
@@ -207,6 +256,24 @@ class PredictiveTtft:
         # releasing its share of the pinned blocks: blocks come free at pinned / run per ms.
         return deficit * output * step / pinned
 
+    def shared_step_ms(self, request: Request, view: RouterView, worker: str) -> float:
+        """What its first chunk adds to the step it shares with the prefill queued ahead: the
+        last request of that queue gets its first token out of that step, that much later."""
+        assert self.engine is not None
+        _, queued = self.queued_prefill_tokens(view, worker)
+        if queued <= 0:
+            return 0.0
+        batch, context = self._batch(view, worker)
+        room = max(1, self.engine.scheduler.max_num_batched_tokens - batch)
+        tail = queued % room or room  # the queue's tokens in its last step
+        matched = self.matched_at_admission(request, view, worker)
+        ours = min(max(1, uncached_tokens(request, matched)), room - tail)
+        if ours <= 0:
+            return 0.0
+        cost = self.engine.step_cost
+        together = cost.step_ms(StepShape(tail + ours, tail * tail + ours * ours, batch, context))
+        return together - cost.step_ms(StepShape(tail, tail * tail, batch, context))
+
     def batched_ttft_ms(self, request: Request, view: RouterView, worker: str) -> float:
         return (
             self.queue_ms(request, view, worker)
@@ -224,6 +291,8 @@ class PredictiveTtft:
         weight = self.prefill_weight(view)
         if self._batched:
             extra = (weight - 1.0) * self.prefill_ms(request, view, worker)
+            if self.externality:
+                extra += self.shared_step_ms(request, view, worker)
             return self.batched_ttft_ms(request, view, worker) + extra
         return self.backlog_ms(view, worker) + weight * self.prefill_ms(request, view, worker)
 
