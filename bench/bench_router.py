@@ -205,8 +205,7 @@ Matcher = Callable[[Sequence[BlockHash]], dict[str, int]]
 
 def lua_bsearch(index: RedisIndex, state_keys: list[str]) -> Matcher:
     def match(block_hashes: Sequence[BlockHash]) -> dict[str, int]:
-        matches, _, _ = index.route_view(block_hashes, HEARTBEAT_TTL_MS, state_keys)
-        return matches
+        return index.route_view(block_hashes, HEARTBEAT_TTL_MS, state_keys).matches
 
     return match
 

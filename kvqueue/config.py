@@ -25,6 +25,7 @@
 | KVQ_EVENTS_MAXLEN   | events_maxlen      | 1000 (cache-event stream cap)   |
 | KVQ_ON_WORKER_DEATH | on_worker_death    | reroute (or fail)               |
 | KVQ_MAX_OUTSTANDING | max_outstanding    | (none: queues are unbounded)    |
+| KVQ_INDEX           | index_mode         | (each policy's upstream's: precise or approximate) |
 
 CLI flags override these by passing keyword arguments to `Settings.from_env(**overrides)`; a
 command whose defaults differ (``kvqueue sweep`` runs the batched engine) passes them as
@@ -70,6 +71,7 @@ ENV_TO_FIELD = {
     "KVQ_EVENTS_MAXLEN": "events_maxlen",
     "KVQ_ON_WORKER_DEATH": "on_worker_death",
     "KVQ_MAX_OUTSTANDING": "max_outstanding",
+    "KVQ_INDEX": "index_mode",
 }
 
 # What happens to the requests queued on a worker whose heartbeat expired.
@@ -101,6 +103,7 @@ class Settings:
     events_maxlen: int = 1_000  # as kvqueue.routing.redis_index.DEFAULT_EVENTS_MAXLEN
     on_worker_death: str = "reroute"
     max_outstanding: int | None = None
+    index_mode: str | None = None  # checked where a router is built (kvqueue.routing)
 
     def __post_init__(self) -> None:
         if not self.time_scale >= 0:

@@ -7,6 +7,11 @@
 | kvq:worker:<worker>:blocks     | set    | hashes a worker caches (for `cleared`)              |
 | kvq:worker:<worker>:pending    | zset   | hashes marked pending on a worker, score = expiry   |
 |                                |        | (ms epoch): what a dead worker's purge must undo    |
+| kvq:worker:<worker>:routed     | zset   | approximate index: hashes routed to the worker,     |
+|                                |        | score = recency (ms since `kvq:routed:clock` epoch) |
+| kvq:routed                     | zset   | approximate index over all workers (`<w>|<hash>`),  |
+|                                |        | for caps on the whole tree                          |
+| kvq:routed:clock               | hash   | `epoch` (server ms) and `sweep` (next size sweep)   |
 | kvq:workers                    | zset   | live workers, score = last heartbeat (server ms)    |
 | kvq:worker:<worker>:info       | hash   | a worker's preset, capacity and cache occupancy     |
 | kvq:worker:<worker>:generation | string | registrations of the name so far: the current       |
@@ -60,6 +65,18 @@ def worker_generation(worker: str, prefix: str = DEFAULT_PREFIX) -> str:
 
 def worker_jobs(worker: str, prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}worker:{worker}:jobs"
+
+
+def worker_routed(worker: str, prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}worker:{worker}:routed"
+
+
+def routed(prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}routed"
+
+
+def routed_clock(prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}routed:clock"
 
 
 def workers(prefix: str = DEFAULT_PREFIX) -> str:

@@ -26,6 +26,7 @@ from kvqueue.live.connection import check_access, connect, redact, scrub
 from kvqueue.live.producer import Producer, new_run_id
 from kvqueue.live.run import fit_warning, run_live
 from kvqueue.report.run_summary import format_summary, run_summary
+from kvqueue.routing.approximate import INDEX_MODES
 from kvqueue.routing.policies.base import policy_names
 from kvqueue.workloads.options import add_workload_arguments, build_requests
 from kvqueue.workloads.recorded import workload_args_meta
@@ -36,7 +37,16 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_REDIS_LOST = 0, 1, 2, 3
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_workload_arguments(parser, default="shared-prefix-small")
-    parser.add_argument("--strategy", help=f"routing strategy: {', '.join(policy_names())}")
+    parser.add_argument(
+        "--strategy",
+        help=f"routing strategy, NAME or NAME:INDEX: {', '.join(policy_names())}",
+    )
+    parser.add_argument(
+        "--index",
+        choices=INDEX_MODES,
+        help="prefix index the router reads: precise (the workers' cache events) or "
+        "approximate (what it routed); default: the policy's upstream's (env KVQ_INDEX)",
+    )
     parser.add_argument("--run-id", help="name of this run (default: a timestamp)")
     parser.add_argument("--time-scale", type=float, help="wall seconds per simulated second")
     parser.add_argument("--tokenizer", help="tokenizer name or path for --prompts")
@@ -62,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             time_scale=args.time_scale,
             tokenizer=args.tokenizer,
             max_outstanding=args.max_outstanding,
+            index_mode=args.index,
         )
         url = settings.redis_url
         requests, meta = build_requests(args, settings.hash_seed, settings.tokenizer)

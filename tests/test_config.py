@@ -33,6 +33,7 @@ ENV_EXAMPLES = {
     "KVQ_EVENTS_MAXLEN": ("500", 500),
     "KVQ_ON_WORKER_DEATH": ("fail", "fail"),
     "KVQ_MAX_OUTSTANDING": ("4", 4),
+    "KVQ_INDEX": ("approximate", "approximate"),
 }
 
 

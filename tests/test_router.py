@@ -26,7 +26,13 @@ from kvqueue import keys
 from kvqueue.errors import NoLiveWorkersError
 from kvqueue.gpu.request import Request
 from kvqueue.routing.policies import base as policy_base
-from kvqueue.routing.policies.base import make_policy, policy_names, register_policy
+from kvqueue.routing.policies.base import (
+    approximate_rules,
+    make_policy,
+    policy_names,
+    register_policy,
+    resolve_index_mode,
+)
 from kvqueue.routing.policies.seed import RoundRobin
 from kvqueue.routing.redis_index import RedisIndex
 from kvqueue.routing.router import START_WORKER_HINT, Decision, Router
@@ -331,4 +337,30 @@ def test_a_decision_is_one_redis_round_trip(
 
     router.commit(request, decision)  # pending marks and load: one more trip, a pipeline
 
+    assert len(trips.calls) == 2 and trips.calls[1].startswith("PIPELINE")
+
+
+@pytest.mark.parametrize("strategy", ["sglang", "dynamo:approximate", "llmd:approximate"])
+@pytest.mark.parametrize("num_blocks", [1, 512])
+def test_an_approximate_decision_is_one_redis_round_trip_too(
+    side: Side, make_request, strategy: str, num_blocks: int
+) -> None:
+    workers = [f"worker-{i}" for i in range(8)]
+    side.register(*workers)
+    name, mode = resolve_index_mode(strategy)
+    policy = make_policy(name)
+    state = RedisRouterState(
+        side.client, side.prefix, index_mode=mode, approximate=approximate_rules(policy)
+    )
+    router = Router(state, policy)
+    request = make_request(16 * num_blocks, max_tokens=16)
+    router.commit(request, router.route(request))  # scripts loaded; the chain recorded
+
+    trips = RoundTrips(side.client)
+    decision = router.route(request)
+
+    assert trips.calls == ["EVALSHA"]
+    limit = approximate_rules(policy).max_match_blocks or num_blocks
+    assert decision.matched_blocks == min(num_blocks, limit)  # it matches what it routed
+    router.commit(request, decision)  # the record and the load: one pipeline
     assert len(trips.calls) == 2 and trips.calls[1].startswith("PIPELINE")

@@ -35,10 +35,10 @@ from kvqueue.gpu.simulated_gpu import SimulatedGpu
 from kvqueue.live.connection import check_access, redact
 from kvqueue.live.jobs import JOB_FUNCTION, JobContext, KVJob
 from kvqueue.live.recovery import Recovery
+from kvqueue.live.routers import live_router
 from kvqueue.live.runs import ResultWriter, claim_run
 from kvqueue.routing.membership import RedisMembership
-from kvqueue.routing.policies.base import make_policy
-from kvqueue.routing.router import START_WORKER_HINT, Decision, Router
+from kvqueue.routing.router import START_WORKER_HINT, Decision
 from kvqueue.routing.view import worker_order
 
 JOB_RESULT_TTL_S = 600  # RQ keeps a finished job 10 min (kvqueue's result is in the run)
@@ -77,8 +77,8 @@ class Producer:
         self.run_id = run_id or new_run_id()
         self.prefix = settings.key_prefix
         self.recovery = Recovery(client, settings)
-        self.state = self.recovery.state  # the router state of these settings, shared
-        self.router = Router(self.state, make_policy(self.strategy), settings.latency_model())
+        self.router = live_router(client, settings, self.strategy)
+        self.state = self.router.state
         self.membership = RedisMembership(client, self.prefix)
         self.results = ResultWriter(client, self.prefix, settings.run_ttl_s)
         self._queues: dict[str, Queue] = {}

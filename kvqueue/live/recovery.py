@@ -31,12 +31,13 @@ from rq.serializers import JSONSerializer
 
 from kvqueue import keys
 from kvqueue.config import Settings
-from kvqueue.errors import NoLiveWorkersError
+from kvqueue.errors import ConfigError, NoLiveWorkersError
 from kvqueue.gpu.results import RequestResult, RequestStatus
 from kvqueue.live.jobs import JobContext, KVJob
+from kvqueue.live.routers import live_router
 from kvqueue.live.runs import ResultWriter
 from kvqueue.routing.membership import JobRecord, Reaped, RedisMembership
-from kvqueue.routing.policies.base import make_policy, policy_names
+from kvqueue.routing.policies.base import parse_strategy
 from kvqueue.routing.router import Router
 from kvqueue.routing.state import RedisRouterState
 
@@ -153,7 +154,7 @@ class Recovery:
         )
         pipe = self.client.pipeline(transaction=True)
         queue.enqueue_job(job, pipeline=pipe)  # RQ opens the MULTI: the enqueue goes first
-        self.state.commit(
+        router.state.commit(
             context.request, decision, pipeline=pipe, job_id=job_id, run_id=context.run_id
         )
         pipe.execute()
@@ -161,11 +162,13 @@ class Recovery:
         log.info("%s: %s rerouted from %s to %s", job_id, record.request_id, dead, decision.worker)
 
     def _router(self, strategy: str) -> Router:
-        if strategy not in policy_names():
+        try:
+            parse_strategy(strategy)
+        except ConfigError:
             strategy = self.settings.strategy
         router = self._routers.get(strategy)
         if router is None:
-            router = Router(self.state, make_policy(strategy), self.settings.latency_model())
+            router = live_router(self.client, self.settings, strategy)
             self._routers[strategy] = router
         return router
 

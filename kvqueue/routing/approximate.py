@@ -83,6 +83,27 @@ class ApproximateRules:
         if self.max_match_blocks is not None and self.max_match_blocks < 1:
             raise ValueError(f"max_match_blocks must be >= 1, got {self.max_match_blocks}")
 
+    def to_wire(self) -> str:
+        """The one argument the Redis scripts take: ``ttl|cap|scope|prune_to|sweep|order|
+        max|walk|from_gpu`` (ms and blocks; empty = none)."""
+
+        def text(value: float | int | None) -> str:
+            return "" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+        return "|".join(
+            [
+                text(self.ttl_ms),
+                text(self.capacity_blocks),
+                self.scope,
+                text(self.prune_to),
+                text(self.sweep_interval_ms),
+                self.eviction_order,
+                text(self.max_match_blocks),
+                "1" if self.walk else "0",
+                "1" if self.capacity_from_gpu else "0",
+            ]
+        )
+
     def describe(self) -> str:
         """One line for reports: ``TTL 120 s, 1,048,576 blocks over all workers, …``."""
         parts = []

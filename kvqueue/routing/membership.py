@@ -179,6 +179,7 @@ class RedisMembership:
                 keys.load_work(p),
                 keys.load_since(p),
                 keys.usage(p),
+                keys.worker_routed(worker, p),
             ],
             args=[p, worker, int(heartbeat_ttl_s * 1000), "" if generation is None else generation],
         )

@@ -14,6 +14,7 @@ and update the tree in one MULTI/EXEC.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -28,6 +29,7 @@ from kvqueue.gpu.events import (
 )
 from kvqueue.gpu.hashing import BlockHash, from_hex, to_hex
 from kvqueue.routing import scripts
+from kvqueue.routing.approximate import ApproximateRules
 
 DEFAULT_EVENTS_MAXLEN = 1_000  # entries; docs/reliability.md has the bytes they come to
 HASH_BYTES = 32  # SHA-256; the scripts cut the concatenated hex every 64 characters
@@ -51,6 +53,7 @@ class RedisIndex:
         self._forget = client.register_script(scripts.FORGET)
         self._mark_pending = client.register_script(scripts.MARK_PENDING)
         self._route_view = client.register_script(scripts.ROUTE_VIEW)
+        self._record_routed = client.register_script(scripts.RECORD_ROUTED)
         self._match = client.register_script(scripts.MATCH)
 
     # -- writes (each accepts a pipeline) ------------------------------------------------
@@ -139,8 +142,11 @@ class RedisIndex:
         heartbeat_ttl_ms: float,
         state_keys: Sequence[str] = (),
         take_ticket: bool = False,
-    ) -> tuple[dict[str, int], int, list[dict[str, str]]]:
-        """One round trip: ({live worker: match}, round-robin ticket, [state hash, ...])."""
+        approximate: ApproximateRules | None = None,
+    ) -> RouteRead:
+        """One round trip: the live workers' matches (from the precise index, or from the
+        approximate one under `approximate`'s rules), the index's size per worker, the
+        round-robin ticket, the server's clock and the state hashes asked for."""
         reply = self._route_view(
             keys=[keys.workers(self.prefix), keys.round_robin(self.prefix), *state_keys],
             args=[
@@ -148,14 +154,42 @@ class RedisIndex:
                 int(heartbeat_ttl_ms),
                 "1" if take_ticket else "0",
                 _chain_arg(block_hashes),
+                "" if approximate is None else approximate.to_wire(),
             ],
         )
-        live, lengths, ticket, *states = reply
-        matches = {_text(w): int(n) for w, n in zip(live, lengths, strict=True)}
+        live, lengths, ticket, sizes, now, *states = reply
+        workers = [_text(w) for w in live]
         decoded = [
             {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)} for flat in states
         ]
-        return matches, int(ticket), decoded
+        return RouteRead(
+            dict(zip(workers, map(int, lengths), strict=True)),
+            dict(zip(workers, map(int, sizes), strict=True)),
+            int(ticket),
+            float(now),
+            decoded,
+        )
+
+    def record_routed(
+        self,
+        worker: str,
+        block_hashes: Sequence[BlockHash],
+        rules: ApproximateRules,
+        pipeline: Any = None,
+    ) -> None:
+        """The router sent this chain to `worker`: it joins the worker's approximate index."""
+        if not block_hashes:
+            return
+        self._record_routed(
+            keys=[],
+            args=[self.prefix, worker, rules.to_wire(), _chain_arg(block_hashes)],
+            client=pipeline or self.client,
+        )
+
+    def routed_by(self, worker: str) -> set[BlockHash]:
+        """The blocks the approximate index holds for `worker`."""
+        members = self.client.zrange(keys.worker_routed(worker, self.prefix), 0, -1)
+        return set(from_hex(_text(m) for m in members))
 
     def match(self, block_hashes: Sequence[BlockHash]) -> dict[str, int]:
         """Matches of every worker holding the first block, live or not (zeros dropped)."""
@@ -165,6 +199,17 @@ class RedisIndex:
     def cached_by(self, worker: str) -> set[BlockHash]:
         members = self.client.smembers(keys.worker_blocks(worker, self.prefix))
         return set(from_hex(_text(m) for m in members))
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRead:
+    """What `RedisIndex.route_view` read, in one round trip."""
+
+    matches: dict[str, int]  # live worker -> matched blocks
+    sizes: dict[str, int]  # live worker -> blocks the index holds for it
+    ticket: int
+    now_ms: float  # Redis server time
+    states: list[dict[str, str]]
 
 
 def _chain_arg(block_hashes: Sequence[BlockHash]) -> str:

@@ -174,6 +174,111 @@ local function leading_run(worker)
 end
 """
 
+_ROUTED = """
+-- The approximate index (kvqueue.routing.approximate in Redis): per worker a zset of the block
+-- hashes routed to it, score = recency in ms since the clock's epoch, the blocks of one
+-- recording ordered by depth in the fractional part (1e-6 ms per block); for caps over the
+-- whole tree, the same entries as '<worker>|<hash>' in one zset. Forgetting, in this order:
+-- entries older than the TTL; then, at every recording or (with a sweep interval) at the
+-- first read or write past each multiple of it, the least recent entries over a cap, down to
+-- prune_to × the cap. Lookups never refresh an entry.
+-- Rules arrive as one argument: 'ttl|cap|scope|prune_to|sweep|order|max|walk|from_gpu'
+-- (ms, blocks; '' = none). Needs `prefix` and `now` in scope.
+local function parse_rules(text)
+  local f = {}
+  for part in string.gmatch(text .. '|', '([^|]*)|') do f[#f + 1] = part end
+  return {ttl = tonumber(f[1]), cap = tonumber(f[2]), cluster = f[3] == 'cluster',
+          prune = tonumber(f[4]) or 1, sweep = tonumber(f[5]), insertion = f[6] == 'insertion',
+          max = tonumber(f[7]), walk = f[8] == '1', gpu = f[9] == '1'}
+end
+local function routed_key(worker) return prefix .. 'worker:' .. worker .. ':routed' end
+local all_key, clock_key = prefix .. 'routed', prefix .. 'routed:clock'
+local function clock_now()
+  local epoch = tonumber(redis.call('HGET', clock_key, 'epoch'))
+  if not epoch then
+    epoch = now
+    redis.call('HSET', clock_key, 'epoch', epoch)
+  end
+  return now - epoch
+end
+local function worker_cap(rules, worker)
+  if rules.gpu then
+    local blocks = tonumber(redis.call('HGET', prefix .. 'capacity', worker))
+    if blocks and blocks > 0 then return blocks end
+  end
+  return rules.cap
+end
+local function drop_expired(rules, workers, t)
+  if not rules.ttl then return end
+  local cutoff = t - rules.ttl
+  for _, worker in ipairs(workers) do
+    redis.call('ZREMRANGEBYSCORE', routed_key(worker), '-inf', cutoff)
+  end
+  if rules.cluster then redis.call('ZREMRANGEBYSCORE', all_key, '-inf', cutoff) end
+end
+local function enforce_caps(rules, workers)
+  if rules.cluster then
+    local total = redis.call('ZCARD', all_key)
+    if rules.cap and total > rules.cap then
+      local target = math.floor(rules.cap * rules.prune)
+      local popped = redis.call('ZPOPMIN', all_key, total - target)
+      for i = 1, #popped, 2 do
+        local entry = popped[i]
+        local bar = string.find(entry, '|', 1, true)
+        redis.call('ZREM', routed_key(string.sub(entry, 1, bar - 1)), string.sub(entry, bar + 1))
+      end
+    end
+    return
+  end
+  for _, worker in ipairs(workers) do
+    local cap = worker_cap(rules, worker)
+    local size = redis.call('ZCARD', routed_key(worker))
+    if cap and size > cap then
+      redis.call('ZPOPMIN', routed_key(worker), size - math.floor(cap * rules.prune))
+    end
+  end
+end
+local function sweep_if_due(rules, workers, t)
+  if not rules.sweep then return end
+  local due = tonumber(redis.call('HGET', clock_key, 'sweep')) or rules.sweep
+  if t < due then return end
+  enforce_caps(rules, workers)
+  due = due + rules.sweep * (1 + math.floor((t - due) / rules.sweep))
+  redis.call('HSET', clock_key, 'sweep', due)
+end
+"""
+
+RECORD_ROUTED = (
+    """
+-- The router sent a request to a worker: its chain joins the worker's approximate index.
+-- ARGV[1] = key prefix, ARGV[2] = worker, ARGV[3] = rules (see _ROUTED),
+-- ARGV[4] = the chain's hashes in order, hex, concatenated
+-- Returns the worker's number of entries after forgetting.
+"""
+    + NOW_MS
+    + """
+local prefix, worker = ARGV[1], ARGV[2]
+"""
+    + _ROUTED
+    + """
+local rules, chain = parse_rules(ARGV[3]), ARGV[4]
+local t = clock_now()
+local workers = {worker}
+drop_expired(rules, workers, t)
+sweep_if_due(rules, workers, t)
+local key = routed_key(worker)
+for d = 1, math.floor(#chain / 64) do
+  local h = string.sub(chain, d * 64 - 63, d * 64)
+  local score = t - (d - 1) * 1e-6
+  if rules.insertion then score = t + (d - 1) * 1e-6 end
+  redis.call('ZADD', key, score, h)
+  if rules.cluster then redis.call('ZADD', all_key, score, worker .. '|' .. h) end
+end
+if not rules.sweep then enforce_caps(rules, workers) end
+return redis.call('ZCARD', key)
+"""
+)
+
 ROUTE_VIEW = (
     """
 -- The router's whole read in one round trip.
@@ -182,7 +287,10 @@ ROUTE_VIEW = (
 -- KEYS[3..] = state hashes (field = worker), returned whole
 -- ARGV[1] = key prefix, ARGV[2] = heartbeat TTL in ms, ARGV[3] = '1' to take a ticket
 -- ARGV[4] = the request's block hashes in chain order, hex, concatenated ('' for none)
--- Returns {live workers, their match lengths, ticket, state hash 1 (flat), state hash 2, ...}.
+-- ARGV[5] = '' to match against the precise index (the workers' caches and pending marks),
+--           else the approximate index's rules (see _ROUTED): forget what is due, then match
+-- Returns {live workers, their match lengths, ticket, their index sizes (blocks), server ms,
+--          state hash 1 (flat), state hash 2, ...}.
 """
     + NOW_MS
     + """
@@ -190,17 +298,61 @@ local prefix, chain = ARGV[1], ARGV[4]
 local n = math.floor(#chain / 64)
 """
     + _LEADING_RUN
+    + _ROUTED
     + """
 local live = redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[2]), '+inf')
 local ticket = 0
 if ARGV[3] == '1' then ticket = redis.call('INCR', KEYS[2]) end
-local matches = {}
-for i, worker in ipairs(live) do matches[i] = leading_run(worker) end
-local out = {live, matches, ticket}
+local matches, sizes = {}, {}
+if ARGV[5] == '' then
+  for i, worker in ipairs(live) do
+    matches[i] = leading_run(worker)
+    sizes[i] = redis.call('SCARD', prefix .. 'worker:' .. worker .. ':blocks')
+  end
+else
+  local rules = parse_rules(ARGV[5])
+  local t = clock_now()
+  drop_expired(rules, live, t)
+  sweep_if_due(rules, live, t)
+  if rules.max and rules.max < n then n = rules.max end
+  local function routed_holds(pos, worker)
+    return redis.call('ZSCORE', routed_key(worker), string.sub(chain, pos * 64 - 63, pos * 64))
+  end
+  for i, worker in ipairs(live) do
+    matches[i] = 0
+    sizes[i] = redis.call('ZCARD', routed_key(worker))
+  end
+  if rules.walk then
+    -- llm-d: every worker holding block i scores one; stop at the first block nobody holds.
+    for pos = 1, n do
+      local any = false
+      for i, worker in ipairs(live) do
+        if routed_holds(pos, worker) then
+          matches[i] = matches[i] + 1
+          any = true
+        end
+      end
+      if not any then break end
+    end
+  else
+    for i, worker in ipairs(live) do
+      if n > 0 and routed_holds(1, worker) then
+        local lo, hi = 1, n
+        while lo < hi do
+          local mid = math.floor((lo + hi + 1) / 2)
+          if routed_holds(mid, worker) then lo = mid else hi = mid - 1 end
+        end
+        matches[i] = lo
+      end
+    end
+  end
+end
+local out = {live, matches, ticket, sizes, now}
 for k = 3, #KEYS do out[#out + 1] = redis.call('HGETALL', KEYS[k]) end
 return out
 """
 )
+
 
 MATCH = (
     """

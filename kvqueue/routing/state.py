@@ -44,6 +44,11 @@ class RedisRouterState:
 
     A commit with a `job_id` leaves a load record (`kvqueue.routing.membership`) that
     `release` takes away exactly once, whoever ends the job; the load counters never go below 0.
+
+    `index_mode` is the index the view matches against: ``"precise"`` (the tree the workers'
+    cache events keep, plus pending marks) or ``"approximate"`` (`kvq:worker:<w>:routed`: what
+    was routed, forgotten under `approximate`'s rules, in the same round trip). Views carry
+    the server's clock in simulated ms (`RouterView.now_ms`, wall ms / `time_scale`).
     """
 
     def __init__(
@@ -53,34 +58,43 @@ class RedisRouterState:
         heartbeat_ttl_s: float = 15.0,
         pending_ttl_s: float = 30.0,
         time_scale: float = 1.0,
+        index_mode: str = "precise",
+        approximate: ApproximateRules = DEFAULT_APPROXIMATE,
     ) -> None:
         self.client = client
         self.prefix = prefix
         self.index = RedisIndex(client, prefix)
+        self.index_mode = check_index_mode(index_mode)
+        self.approximate = approximate
         self.heartbeat_ttl_ms = heartbeat_ttl_s * 1000.0
         self.pending_ttl_ms = pending_ttl_s * 1000.0
         self.time_scale = time_scale
         self._record_job = client.register_script(worker_scripts.RECORD_JOB)
         self._release_job = client.register_script(worker_scripts.RELEASE_JOB)
 
+    @property
+    def _rules(self) -> ApproximateRules | None:
+        return self.approximate if self.index_mode == "approximate" else None
+
     def view(self, request: Request, take_ticket: bool) -> RouterView:
         p = self.prefix
-        matches, ticket, (requests, tokens, work, used, capacity, stats, since) = (
-            self.index.route_view(
-                request.block_hashes,
-                self.heartbeat_ttl_ms,
-                [
-                    keys.load(p),
-                    keys.load_tokens(p),
-                    keys.load_work(p),
-                    keys.usage(p),
-                    keys.capacity(p),
-                    keys.output_stats(p),
-                    keys.load_since(p),
-                ],
-                take_ticket,
-            )
+        read = self.index.route_view(
+            request.block_hashes,
+            self.heartbeat_ttl_ms,
+            [
+                keys.load(p),
+                keys.load_tokens(p),
+                keys.load_work(p),
+                keys.usage(p),
+                keys.capacity(p),
+                keys.output_stats(p),
+                keys.load_since(p),
+            ],
+            take_ticket,
+            self._rules,
         )
+        requests, tokens, work, used, capacity, stats, since = read.states
+        matches, sizes = read.matches, read.sizes
         now = _wall_ms()
         workers = tuple(sorted(matches, key=worker_order))
         loads = {
@@ -91,11 +105,20 @@ class RedisRouterState:
                 used_blocks=int(used.get(w, 0)),
                 capacity_blocks=int(capacity.get(w, 0)),
                 elapsed_ms=self._elapsed_ms(now, since.get(w), int(requests.get(w, 0))),
+                indexed_blocks=sizes.get(w, 0),
             )
             for w in workers
         }
+        scale = self.time_scale if self.time_scale > 0 else 1.0
         return RouterView(
-            workers, matches, loads, ticket, _mean_output(stats), _declared_share(stats)
+            workers,
+            matches,
+            loads,
+            read.ticket,
+            _mean_output(stats),
+            _declared_share(stats),
+            index_mode=self.index_mode,
+            now_ms=read.now_ms / scale,
         )
 
     def _elapsed_ms(self, now: float, since: str | None, requests: int) -> float:
@@ -115,9 +138,15 @@ class RedisRouterState:
         `job_id`, also leave the job's load record (which `release` takes away)."""
         pipe = pipeline if pipeline is not None else self.client.pipeline(transaction=False)
         worker, p = decision.worker, self.prefix
-        # The whole chain, hits included: if the worker evicts a hit before this request runs,
-        # the request stores it again, and the worker's holdings stay prefix-closed.
-        self.index.mark_pending(worker, request.block_hashes, self.pending_ttl_ms, pipeline=pipe)
+        rules = self._rules
+        if rules is not None:  # the approximate index: what was routed, nothing else
+            self.index.record_routed(worker, request.block_hashes, rules, pipeline=pipe)
+        else:
+            # The whole chain, hits included: if the worker evicts a hit before this request
+            # runs, the request stores it again, and the worker's holdings stay prefix-closed.
+            self.index.mark_pending(
+                worker, request.block_hashes, self.pending_ttl_ms, pipeline=pipe
+            )
         if job_id is not None:
             record = JobRecord(
                 run_id,

@@ -194,10 +194,12 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. cutoff)
 REAP = (
     """
 -- Claim a worker's death, once: drop it from the live set and from the tree (cached blocks
--- and pending marks), zero its load, and hand over its outstanding jobs.
+-- and pending marks) and the approximate index (what was routed to it), zero its load, and
+-- hand over its outstanding jobs.
 -- KEYS[1] = live workers, KEYS[2] = the worker's generation, KEYS[3] = its jobs hash,
 -- KEYS[4] = its block set, KEYS[5] = its pending marks,
--- KEYS[6..9] = load, load:tokens, load:work, load:since, KEYS[10] = usage
+-- KEYS[6..9] = load, load:tokens, load:work, load:since, KEYS[10] = usage,
+-- KEYS[11] = its routed blocks (approximate index)
 -- ARGV[1] = key prefix, ARGV[2] = worker, ARGV[3] = heartbeat TTL in ms,
 -- ARGV[4] = a generation to claim whatever its heartbeat (a worker stopping hands itself
 --           over), or '' to claim only an expired heartbeat
@@ -219,6 +221,7 @@ redis.call('DEL', KEYS[3])
 clear_worker(prefix, worker, KEYS[4], now)
 forget_pending(prefix, worker, KEYS[5], now)
 for k = 6, 10 do redis.call('HDEL', KEYS[k], worker) end
+redis.call('DEL', KEYS[11])
 return {gen, jobs}
 """
 )
