@@ -704,13 +704,13 @@ def test_each_new_policy_routes_requests_through_the_live_pipeline(redis_url: st
     env = {"KVQ_TIME_SCALE": "0.01"}
     try:
         with LocalCluster(redis_url, 2, env=env, prefix=prefix):
-            for name in NEW_POLICIES:
+            for name in (*NEW_POLICIES, "llmd:approximate", "dynamo:approximate"):
                 run = run_live(
                     client,
                     settings,
                     requests,
                     name,
-                    run_id=f"policies-{name}",
+                    run_id=f"policies-{name.replace(':', '-')}",
                     progress=False,
                     timeout_s=30.0,
                 )
@@ -718,6 +718,8 @@ def test_each_new_policy_routes_requests_through_the_live_pipeline(redis_url: st
                 assert {r.status for r in run.results} == {RequestStatus.COMPLETED}, name
                 assert {r.strategy for r in run.results} == {name}
                 assert sum(r.hit_blocks for r in run.results) > 0, name
+            # The approximate runs left their records of what they routed.
+            assert client.keys(f"{prefix}worker:*:routed")
     finally:
         client.close()
 

@@ -138,7 +138,7 @@ def run_comparison(
         check_redis_is_free(client, prefix, comparison.workers, settings.heartbeat_ttl_s)
     base_id = new_run_id()
     for position, strategy in enumerate(strategies, start=1):
-        run_id = f"{base_id}-{strategy}"
+        run_id = f"{base_id}-{strategy.replace(':', '-')}"  # job ids: no ':' (``llmd:approximate``)
         label = f"[{position}/{len(strategies)}] {strategy}"
         clear_routing_state(client, prefix)
         cluster = LocalCluster(
