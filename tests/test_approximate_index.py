@@ -18,6 +18,7 @@ from kvqueue.routing.active import ActiveSequences
 from kvqueue.routing.approximate import (
     DYNAMO_APPROX,
     LLMD_APPROX,
+    LLMD_FIXED_LRU,
     SGLANG_TREE,
     ApproximateRules,
     RoutedIndex,
@@ -282,3 +283,11 @@ def test_the_state_ages_blocks_from_the_end_of_the_request_that_used_them() -> N
     view = state.view(first, take_ticket=False)
     # b allocates its 4 uncached prompt blocks and 1 output block after a was released.
     assert view.blocks_since_use("w0", first.block_hashes[3]) == 5
+
+
+def test_llm_d_before_auto_tune_keeps_a_fixed_lru_per_pod() -> None:
+    index, _ = index_of(LLMD_FIXED_LRU)
+    index.set_capacity("w0", 4)  # the GPU's size is ignored
+    index.record("w0", chain("a", 10))
+    assert index.size("w0") == 10 and LLMD_FIXED_LRU.capacity_blocks == 31_250
+    assert resolve_index_mode("llmd_fixed_lru") == ("llmd_fixed_lru", "approximate")

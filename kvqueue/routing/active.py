@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvqueue.gpu.hashing import BlockHash
+from kvqueue.routing.index import leading_run
 
 
 @dataclass(slots=True)
@@ -122,14 +123,6 @@ class ActiveSequences:
     def matched(self, worker: str, block_hashes: Sequence[BlockHash]) -> int:
         """Leading blocks of `block_hashes` already active on `worker`."""
         flights = self._workers.get(worker)
-        if flights is None or not block_hashes or block_hashes[0] not in flights.block_refs:
+        if flights is None:
             return 0
-        refs = flights.block_refs
-        lo, hi = 1, len(block_hashes)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if block_hashes[mid - 1] in refs:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+        return leading_run(block_hashes, flights.block_refs.__contains__)

@@ -34,6 +34,7 @@ dropped before any read or write, so a read never counts one.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import OrderedDict
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kvqueue.gpu.hashing import BLOCK_SIZE, BlockHash
+from kvqueue.routing.index import leading_run
 
 INDEX_MODES = ("precise", "approximate")
 CHARS_PER_TOKEN = 4  # the estimate SGLang's and llm-d's character-based indexes assume
@@ -161,6 +163,16 @@ LLMD_APPROX = ApproximateRules(
     max_match_blocks=256,
     walk=True,
 )
+# The same producer with autoTune off, or before it existed: the Gateway API Inference
+# Extension's prefix plugin (kubernetes-sigs/gateway-api-inference-extension@00913f92:
+# pkg/epp/scheduling/framework/plugins/multi/prefix/plugin.go, `DefaultLRUCapacityPerServer`
+# = 31,250 entries per pod, sized for Llama 3 8B on an H100 whatever the pod's GPU).
+LLMD_FIXED_LRU = dataclasses.replace(
+    LLMD_APPROX,
+    source="kubernetes-sigs/gateway-api-inference-extension@00913f92:pkg/epp/scheduling/"
+    "framework/plugins/multi/prefix/plugin.go",
+    capacity_from_gpu=False,
+)
 # Preble: one global token tree whose per-GPU copies are evicted LRU once a GPU's allocated
 # tokens exceed its capacity (WukLab/preble@8e7906a3:preble/global_scheduler_with_time.py
 # `handle_eviction`, L273-278; the capacity, 198,516 tokens there, is the GPU's own here).
@@ -226,16 +238,9 @@ class RoutedIndex:
             return self._walk(chain)
         matched = {}
         for worker, entries in self._entries.items():
-            if chain[0] not in entries:
-                continue
-            lo, hi = 1, len(chain)
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if chain[mid - 1] in entries:
-                    lo = mid
-                else:
-                    hi = mid - 1
-            matched[worker] = lo
+            length = leading_run(chain, entries.__contains__)
+            if length:
+                matched[worker] = length
         return matched
 
     def _walk(self, chain: Sequence[BlockHash]) -> dict[str, int]:

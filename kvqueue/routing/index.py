@@ -49,6 +49,26 @@ class PrefixIndex(Protocol):
         """The blocks `worker` caches (confirmed only, not pending)."""
 
 
+def leading_run(
+    block_hashes: Sequence[BlockHash], holds: Callable[[BlockHash], bool], known: int = 0
+) -> int:
+    """How many leading blocks of a chain `holds` accepts, by binary search — exact when the
+    accepted blocks are prefix-closed along the chain. `known` leading blocks are taken as
+    accepted already."""
+    lo, hi = known, len(block_hashes)
+    if lo == 0:
+        if not block_hashes or not holds(block_hashes[0]):
+            return 0
+        lo = 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if holds(block_hashes[mid - 1]):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def apply_events(index: PrefixIndex, worker: str, events: Iterable[CacheEvent]) -> None:
     """Feed a worker's cache events into an index, in order."""
     for event in events:
@@ -173,21 +193,17 @@ class InMemoryIndex:
         if not block_hashes:
             return {}
         now = self._clock()
-        first = block_hashes[0]
         matched: dict[str, int] = {}
         for worker, holdings in self._workers.items():
             cached, pending = holdings.cached, holdings.pending
-            if first not in cached and pending.expiry(first) <= now:
-                continue
-            lo, hi = 1, len(block_hashes)
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                probe = block_hashes[mid - 1]
-                if probe in cached or pending.expiry(probe) > now:
-                    lo = mid
-                else:
-                    hi = mid - 1
-            matched[worker] = lo
+            length = leading_run(
+                block_hashes,
+                lambda block, cached=cached, pending=pending: (
+                    block in cached or pending.expiry(block) > now
+                ),
+            )
+            if length:
+                matched[worker] = length
         return matched
 
     def cached_by(self, worker: str) -> set[BlockHash]:

@@ -26,11 +26,21 @@ def index_rules_table() -> str:
 
 
 def _pair(report: WorkloadReport) -> dict[str, dict[str, PolicyRow]]:
-    """{policy name: {index mode: row}} for the policies run on both indexes."""
-    found: dict[str, dict[str, PolicyRow]] = {}
+    """{policy name: {index mode: row}} for the policies run on both indexes. A variant that
+    names its `precise_counterpart` (`llmd_fixed_lru`) pairs with that policy's precise row."""
+    by_name: dict[str, dict[str, PolicyRow]] = {}
     for row in report.rows:
-        found.setdefault(row.policy_name, {})[row.index_mode] = row
-    return {name: modes for name, modes in found.items() if len(modes) == 2}
+        by_name.setdefault(row.policy_name, {})[row.index_mode] = row
+    pairs = {}
+    for name, modes in by_name.items():
+        counterpart = getattr(POLICIES.get(name), "precise_counterpart", None)
+        if counterpart is not None and "approximate" in modes:
+            precise = by_name.get(counterpart, {}).get("precise")
+            if precise is not None:
+                pairs[name] = {"precise": precise, "approximate": modes["approximate"]}
+        elif len(modes) == 2:
+            pairs[name] = modes
+    return pairs
 
 
 def _s(ms: float | None) -> str:

@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 
 from kvqueue.gpu.hashing import BLOCK_SIZE
 from kvqueue.gpu.request import Request
-from kvqueue.routing.approximate import LLMD_APPROX
+from kvqueue.routing.approximate import LLMD_APPROX, LLMD_FIXED_LRU
 from kvqueue.routing.policies.base import check_param, register_policy
 from kvqueue.routing.view import RouterView
 
@@ -82,7 +82,7 @@ class LlmdScorers:
 
     def prefix_scores(self, request: Request, view: RouterView) -> dict[str, float]:
         if view.index_mode == "approximate":
-            limit = LLMD_APPROX.max_match_blocks or math.inf
+            limit = self.approximate_index.max_match_blocks or math.inf
             total = min(limit, math.ceil(request.num_prompt_tokens / BLOCK_SIZE))
             return {w: min(view.matched(w) / total, 1.0) for w in view.workers}
         total = request.num_blocks
@@ -129,3 +129,19 @@ class LlmdScorers:
 
 def _clamp(value: float) -> float:
     return min(1.0, max(0.0, value))
+
+
+@register_policy("llmd_fixed_lru")
+class LlmdFixedLru(LlmdScorers):
+    """llm-d's scorers on the approximate index as it was before autoTune (and is with it off,
+    or when a pod exports no `vllm:cache_config_info`): a 31,250-block LRU per pod, whatever
+    the pod's GPU holds (`LLMD_FIXED_LRU`).
+
+    llm-d's published precise-vs-approximate comparison predates autoTune; on a GPU that holds
+    fewer blocks than 31,250, this index keeps promising prefixes the GPU evicted. Approximate
+    by default; its precise counterpart is `llmd` itself.
+    """
+
+    index_mode: ClassVar[str] = "approximate"
+    approximate_index = LLMD_FIXED_LRU
+    precise_counterpart: ClassVar[str] = "llmd"

@@ -6,11 +6,12 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
-from kvqueue.gpu.hashing import BLOCK_SIZE
+from kvqueue.gpu.hashing import BLOCK_SIZE, BlockHash
 from kvqueue.gpu.latency import LatencyModel
 from kvqueue.gpu.request import Request
 from kvqueue.gpu.step_cost import StepShape, chunk_attention
 from kvqueue.routing.engine_model import EngineModel
+from kvqueue.routing.index import leading_run
 from kvqueue.routing.policies.base import register_policy, uncached_tokens
 from kvqueue.routing.view import RouterView, worker_order
 
@@ -164,20 +165,12 @@ class PredictiveTtft:
             return matched
         room = (1.0 - load.engine_kv_usage) * load.capacity_blocks
         ahead = self.queued_prefill_tokens(view, worker)[1] / BLOCK_SIZE
-        hashes = request.block_hashes
 
-        def survives(position: int) -> bool:
-            since = view.blocks_since_use(worker, hashes[position])
+        def survives(block: BlockHash) -> bool:
+            since = view.blocks_since_use(worker, block)
             return since is None or since + ahead < room
 
-        lo, hi = safe, matched  # the answer lies in [safe, matched]
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if survives(mid - 1):
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+        return leading_run(request.block_hashes[:matched], survives, known=safe)
 
     def _batch(self, view: RouterView, worker: str) -> tuple[int, int]:
         """(decoding requests B, their summed context K) on `worker`."""
