@@ -371,6 +371,18 @@ def test_demo_defaults_and_small_size() -> None:
     assert trace.rate is None and trace.num_requests is None  # a trace keeps its timestamps
 
 
+def test_parse_strategies_gives_the_index_to_the_strategies_naming_none() -> None:
+    assert parse_strategies("llmd, dynamo:precise", "approximate") == [
+        "llmd:approximate",
+        "dynamo:precise",
+    ]
+    assert parse_strategies("llmd,llmd:approximate") == ["llmd", "llmd:approximate"]
+    with pytest.raises(ValueError, match="precise, approximate"):
+        parse_strategies("llmd:exact")
+    with pytest.raises(ValueError, match="twice"):
+        parse_strategies("llmd,llmd:approximate", "approximate")
+
+
 def test_parse_strategies_names_the_valid_ones() -> None:
     assert parse_strategies("cache_aware, round_robin") == ["cache_aware", "round_robin"]
     with pytest.raises(ValueError, match=r"valid: .*round_robin"):

@@ -146,7 +146,7 @@ def run_comparison_command(args: argparse.Namespace, prog: str) -> int:
             args.workers = DEMO_WORKERS
         if args.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {args.workers}")
-        strategies = parse_strategies(args.strategies)
+        strategies = parse_strategies(args.strategies, args.index)
         settings = Settings.from_env(
             preset=args.preset,
             num_blocks=args.num_blocks,

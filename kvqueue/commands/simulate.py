@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             tokenizer=args.tokenizer,
             **engine_overrides(args),
         )
-        strategies = parse_strategies(args.strategies)
+        strategies = parse_strategies(args.strategies, args.index)
         workers = worker_names(args.workers)
         preset = settings.gpu_preset()
         requests, meta = build_requests(args, settings.hash_seed, settings.tokenizer)

@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         request = SweepRequest(
             args=args,
             settings=settings,
-            strategies=tuple(parse_strategies(args.strategies)),
+            strategies=tuple(parse_strategies(args.strategies, args.index)),
             workers=_numbers(args.workers, "--workers", int),
             rates=None if args.rates is None else _numbers(args.rates, "--rates", float),
             target_rate=args.target_rate,
