@@ -2,7 +2,7 @@
 
 Invariants:
 - at most `num_blocks` slots are used: cached blocks plus anonymous (unhashed) blocks;
-- a block with ``ref_count > 0`` is never evicted and is never a live entry of the heap;
+- a block with ``ref_count > 0`` is never evicted;
 - a block whose ``ref_count`` drops to 0 stays cached (evictable) until a slot is needed;
   a later hit revives it;
 - eviction order is the smallest ``(last_used, -depth, block_hash)``: least recently released
@@ -11,10 +11,10 @@ Invariants:
   evicted before its descendants: each worker's cache stays *prefix-closed* (no stranded
   children), which the router's index relies on;
 - every change is reported as an event (`take_events`); replaying them reproduces
-  `cached_hashes()` exactly, and so does replaying `snapshot()` alone (what a worker
-  announces when the router's copy of its cache was lost).
+  `cached_hashes()` exactly.
 
-`last_used` is a logical clock that ticks once per release, so runs are deterministic.
+`last_used` is a logical clock that ticks once per release, so runs are deterministic. A
+block's depth is its position in the request that stored it.
 
 Two ways to hold blocks. The sequential engine pins a request's whole footprint at once
 (`allocate` → `Allocation`, then `release`). The batched engine grows a `BlockTable` as the
@@ -24,26 +24,28 @@ step (evicting), `commit_full` turns slots whose block just became full into cac
 `release` (on preemption or at the end) unpins the chain tail first — its hashed blocks stay
 cached and evictable. A table's hashed blocks always form one chain from its first block, so
 the children-before-parents rule above holds for both.
+
+**Runs.** The state is kept per run of blocks (`kvqueue.gpu.block_runs`), not per block: a
+stored stretch of a chain is one run, split where a later request's pins begin or end, so
+every block of a run is pinned by the same requests and was released at the same time. Each
+cached hash maps to its run. Lookups, pins, releases and evictions do Python work per run and
+leave the per-block part to C (slice comparisons, dict updates), so a 1,000-block prompt
+costs a handful of runs, not a thousand steps. The eviction order is kept by
+`kvqueue.gpu.eviction` over runs, block for block the order stated above. A request's block
+hashes must not repeat (chained hashes never do).
 """
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 
 from kvqueue.errors import CacheFullError, ConfigError, RequestRejected
+from kvqueue.gpu.block_runs import BlockRun, Chain, common_length, first_cached, group_order
 from kvqueue.gpu.events import AllBlocksCleared, BlocksRemoved, BlocksStored, CacheEvent
+from kvqueue.gpu.eviction import EvictionQueue
 from kvqueue.gpu.hashing import BlockHash
-
-
-@dataclass(slots=True)
-class CachedBlock:
-    block_hash: BlockHash
-    depth: int
-    ref_count: int = 0
-    last_used: int = 0
-    parent_hash: BlockHash | None = None  # the block before it in its chain (for `snapshot`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,9 +100,8 @@ class BlockCache:
             raise ConfigError(f"num_blocks must be positive, got {num_blocks}")
         self.num_blocks = num_blocks
         self.stats = CacheStats()
-        self._blocks: dict[BlockHash, CachedBlock] = {}
-        # One entry per release: (clock, run of hashes; pop() from the end evicts next).
-        self._evictable_heap: list[tuple[int, list[BlockHash]]] = []
+        self._runs: dict[BlockHash, BlockRun] = {}  # every cached block → its run
+        self._evictable = EvictionQueue()
         self._num_evictable = 0
         self._num_anonymous = 0
         self._clock = 0
@@ -110,11 +111,11 @@ class BlockCache:
     # -- queries -------------------------------------------------------------------------
     @property
     def num_cached_blocks(self) -> int:
-        return len(self._blocks)
+        return len(self._runs)
 
     @property
     def num_used_slots(self) -> int:
-        return len(self._blocks) + self._num_anonymous
+        return len(self._runs) + self._num_anonymous
 
     @property
     def num_free_slots(self) -> int:
@@ -139,30 +140,30 @@ class BlockCache:
         """The leading cached run of `block_hashes`, capped at `max_hits`, and how many of those
         hits are evictable (ref_count 0): pinning them takes them out of `num_allocatable`, as
         touching a free block does in vLLM. Changes nothing."""
-        blocks = self._blocks
+        hashes = tuple(block_hashes)
+        stop = len(range(len(hashes))[:max_hits])  # as hashes[:max_hits] would cut
         hits = evictable = 0
-        for block_hash in block_hashes[:max_hits]:
-            block = blocks.get(block_hash)
-            if block is None:
+        while hits < stop:
+            found = self._cached_stretch(hashes, hits, stop)
+            if found is None:
                 break
-            hits += 1
-            if not block.ref_count:
-                evictable += 1
+            run, _, length = found
+            if not run.ref_count:
+                evictable += length
+            hits += length
         return hits, evictable
 
     def cached_hashes(self) -> set[BlockHash]:
-        return set(self._blocks)
+        return set(self._runs)
 
     def ref_count(self, block_hash: BlockHash) -> int:
-        block = self._blocks.get(block_hash)
-        return block.ref_count if block else 0
+        run = self._runs.get(block_hash)
+        return run.ref_count if run else 0
 
     def lookup(self, block_hashes: Sequence[BlockHash]) -> int:
         """Length of the leading run of `block_hashes` that is cached. Changes nothing."""
-        for i, block_hash in enumerate(block_hashes):
-            if block_hash not in self._blocks:
-                return i
-        return len(block_hashes)
+        hashes = tuple(block_hashes)
+        return self._num_leading_cached(hashes, len(hashes))
 
     def check_fits(self, num_hashed_blocks: int, num_anonymous_blocks: int = 0) -> None:
         """Raise `RequestRejected` if the request could never fit, even in an empty cache."""
@@ -183,48 +184,53 @@ class BlockCache:
         pinned rather than stored twice. Raises `RequestRejected` if the request can never
         fit and `CacheFullError` if it does not fit now (running requests pin too much);
         in both cases nothing changes.
+
+        The blocks are taken in chain order, each new one evicting when no slot is free, so
+        a cached block past the first miss may be evicted before its turn comes and is then
+        stored again.
         """
         hashes = tuple(block_hashes)
-        self.check_fits(len(hashes), num_anonymous_blocks)
-        num_hits = self.lookup(hashes)
-        self._check_room(hashes, num_anonymous_blocks)
+        num_blocks = len(hashes)
+        self.check_fits(num_blocks, num_anonymous_blocks)
+        num_hits = self._check_room(hashes, num_anonymous_blocks)
 
-        for block_hash in hashes[:num_hits]:
-            self._pin(self._blocks[block_hash])
+        position = self._pin_cached(hashes, 0, num_hits)
+        runs = self._runs
+        free = self.num_blocks - len(runs) - self._num_anonymous
         evicted: list[BlockHash] = []
-        stored_runs: list[BlocksStored] = []
-        blocks = self._blocks
-        free = self.num_blocks - len(blocks) - self._num_anonymous
-        run_start = num_hits
-        for depth in range(num_hits, len(hashes)):
-            block_hash = hashes[depth]
-            existing = blocks.get(block_hash)
-            if existing is not None:  # cached beyond the first miss: recomputed, not stored twice
-                self._pin(existing)
-                stored_runs += _stored_run(list(hashes[run_start:depth]), hashes, depth)
-                run_start = depth + 1
+        stored: list[BlocksStored] = []
+        while position < num_blocks:
+            if hashes[position] in runs:  # cached beyond the first miss: pinned, not stored
+                position = self._pin_cached(hashes, position, num_blocks, stop_at_miss=True)
                 continue
-            if free:
-                free -= 1
-            else:
-                evicted.append(self._evict_one())
-            parent = hashes[depth - 1] if depth else None
-            blocks[block_hash] = CachedBlock(block_hash, depth, 1, parent_hash=parent)
-        stored_runs += _stored_run(list(hashes[run_start:]), hashes, len(hashes))
-        for _ in range(num_anonymous_blocks):
-            if free:
-                free -= 1
-            else:
-                evicted.append(self._evict_one())
+            start = position
+            while True:  # new blocks up to the next cached one, if evicting spared it
+                end = first_cached(runs, hashes, position + 1, num_blocks)
+                needed = end - position
+                taken = min(free, needed)
+                free -= taken
+                if needed > taken:
+                    evicted += self._evictable.evict(needed - taken, runs)
+                position = end
+                if position == num_blocks or hashes[position] in runs:
+                    break
+            self._store(hashes, start, position, start)
+            stored.append(
+                BlocksStored(hashes[start:position], hashes[start - 1] if start else None)
+            )
+        taken = min(free, num_anonymous_blocks)
+        if num_anonymous_blocks > taken:
+            evicted += self._evictable.evict(num_anonymous_blocks - taken, runs)
         self._num_anonymous += num_anonymous_blocks
+        self._num_evictable -= len(evicted)
         # Evicted hashes are never among the stored ones, so reporting the removals first
         # replays to the same set of cached hashes.
         self._flush_removed()
         if evicted:
             self._events.append(BlocksRemoved(tuple(evicted)))
-        self._events.extend(stored_runs)
+        self._events.extend(stored)
 
-        self.stats.num_queried_blocks += len(hashes)
+        self.stats.num_queried_blocks += num_blocks
         self.stats.num_hit_blocks += num_hits
         self.stats.num_evictions += len(evicted)
         return Allocation(hashes, num_hits, num_anonymous_blocks, len(evicted))
@@ -232,39 +238,30 @@ class BlockCache:
     def release(self, allocation: Allocation | BlockTable) -> None:
         """Unpin a request's blocks; blocks reaching ref_count 0 become evictable together.
 
-        They enter the eviction heap as one run sharing this release's clock, ordered so that
-        popping from its end yields the smallest ``(-depth, block_hash)`` first: the order the
-        class docstring states, at one heap operation per release instead of one per block.
-        Anonymous slots are freed. A released `BlockTable` is left empty.
+        Their runs form one eviction group sharing this release's clock, deepest block
+        first (`kvqueue.gpu.eviction`): the order the class docstring states, at one heap
+        operation per release. Anonymous slots are freed. A released `BlockTable` is left
+        empty.
         """
         self._clock += 1
         clock = self._clock
-        blocks = self._blocks
-        freed: list[CachedBlock] = []
-        in_order = True  # a chain released tail first comes out deepest first already
-        for block_hash in reversed(allocation.block_hashes):
-            block = blocks[block_hash]
-            assert block.ref_count > 0, "release of an unpinned block"
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                block.last_used = clock
-                if freed and freed[-1].depth <= block.depth:
-                    in_order = False
-                freed.append(block)
+        freed: list[BlockRun] = []
+        for run in self._runs_of(tuple(allocation.block_hashes)):
+            assert run.ref_count > 0, "release of an unpinned block"
+            run.ref_count -= 1
+            if not run.ref_count:
+                run.last_used = clock
+                freed.append(run)
         if freed:
-            if in_order:
-                freed.reverse()
-            else:
-                freed.sort(key=_eviction_key, reverse=True)
-            heapq.heappush(self._evictable_heap, (clock, [b.block_hash for b in freed]))
-            self._num_evictable += len(freed)
+            self._num_evictable += sum(run.end - run.start for run in freed)
+            self._evictable.push(clock, self._eviction_group(freed))
         self._num_anonymous -= allocation.num_anonymous_blocks
         assert self._num_anonymous >= 0
         if isinstance(allocation, BlockTable):
             allocation.block_hashes = []
             allocation.num_anonymous_blocks = 0
-        if len(self._evictable_heap) > 2 * self.num_blocks:
-            self._compact_heap()
+        if len(self._evictable) > 2 * self.num_blocks:
+            self._evictable.compact(set(self._runs.values()))
 
     def pin_prefix(
         self, table: BlockTable, block_hashes: Sequence[BlockHash], num_hits: int
@@ -280,19 +277,13 @@ class BlockCache:
             raise ValueError(f"pin_prefix needs an empty block table, got {table.num_slots} slots")
         if not 0 <= num_hits <= len(block_hashes):
             raise ValueError(f"num_hits {num_hits} outside 0..{len(block_hashes)}")
-        hits = block_hashes[:num_hits]
-        pinned = [self._blocks.get(block_hash) for block_hash in hits]
-        if None in pinned:
-            missing = hits[pinned.index(None)]
-            raise ValueError(f"block {missing.hex()[:12]} to pin is not cached")
-        revived = 0
-        for block in pinned:
-            if not block.ref_count:  # type: ignore[union-attr]
-                revived += 1
-            block.ref_count += 1  # type: ignore[union-attr]
-        self._num_evictable -= revived  # their heap entries are now stale
-        table.block_hashes.extend(hits)
-        self.stats.num_queried_blocks += len(block_hashes)
+        hashes = tuple(block_hashes)
+        num_cached = self._num_leading_cached(hashes, num_hits)
+        if num_cached < num_hits:
+            raise ValueError(f"block {hashes[num_cached].hex()[:12]} to pin is not cached")
+        self._pin_cached(hashes, 0, num_hits)
+        table.block_hashes.extend(hashes[:num_hits])
+        self.stats.num_queried_blocks += len(hashes)
         self.stats.num_hit_blocks += num_hits
 
     def allocate_slots(self, table: BlockTable, num_slots: int) -> int:
@@ -309,10 +300,11 @@ class BlockCache:
                 f"evictable ({self.num_active_blocks:,} of {self.num_blocks:,} in use)"
             )
         free = self.num_free_slots
-        evicted = self._evict_many(num_slots - min(free, num_slots))
+        evicted = self._evictable.evict(num_slots - min(free, num_slots), self._runs)
         self._num_anonymous += num_slots
         table.num_anonymous_blocks += num_slots
         if evicted:
+            self._num_evictable -= len(evicted)
             self._record_removed(evicted)
             self.stats.num_evictions += len(evicted)
             table.num_evicted += len(evicted)
@@ -332,34 +324,30 @@ class BlockCache:
                 f"{table.num_anonymous_blocks} anonymous slots"
             )
         self._flush_removed()
-        blocks = self._blocks
+        hashes = tuple(block_hashes)
+        runs = self._runs
         chain = table.block_hashes
-        run: list[BlockHash] = []
-        run_parent = chain[-1] if chain else None
-        for block_hash in block_hashes:
-            existing = blocks.get(block_hash)
-            if existing is not None:
-                self._pin(existing)
-                if run:
-                    self._events.append(BlocksStored(tuple(run), run_parent))
-                    run = []
-                run_parent = block_hash
-            else:
-                parent = chain[-1] if chain else None
-                blocks[block_hash] = CachedBlock(block_hash, len(chain), 1, parent_hash=parent)
-                run.append(block_hash)
-            chain.append(block_hash)
-        if run:
-            self._events.append(BlocksStored(tuple(run), run_parent))
-        self._num_anonymous -= len(block_hashes)
-        table.num_anonymous_blocks -= len(block_hashes)
+        base = len(chain)
+        position, count = 0, len(hashes)
+        while position < count:
+            if hashes[position] in runs:
+                position = self._pin_cached(hashes, position, count, stop_at_miss=True)
+                continue
+            start = position
+            position = first_cached(runs, hashes, start + 1, count)
+            self._store(hashes, start, position, base + start)
+            parent = hashes[start - 1] if start else (chain[-1] if chain else None)
+            self._events.append(BlocksStored(hashes[start:position], parent))
+        chain.extend(hashes)
+        self._num_anonymous -= count
+        table.num_anonymous_blocks -= count
 
     def clear(self) -> None:
         """Drop every block (a restarted GPU). Only valid while no request is running."""
         if self.num_active_blocks:
             raise CacheFullError(f"cannot clear: {self.num_active_blocks} blocks are in use")
-        self._blocks.clear()
-        self._evictable_heap.clear()
+        self._runs.clear()
+        self._evictable.clear()
         self._num_evictable = 0
         self._flush_removed()
         self._events.append(AllBlocksCleared())
@@ -370,31 +358,7 @@ class BlockCache:
         events, self._events = self._events, []
         return events
 
-    def snapshot(self) -> list[CacheEvent]:
-        """Events that rebuild this cache from nothing: `cleared`, then every cached block.
-
-        Blocks come parents first (by depth), grouped into `stored` runs along chains, so a
-        consumer that needs each block's parent already holds it. Changes nothing; pending
-        `take_events` are not affected.
-        """
-        events: list[CacheEvent] = [AllBlocksCleared()]
-        runs: list[list[BlockHash]] = []
-        parents: list[BlockHash | None] = []
-        run_ending_with: dict[BlockHash, int] = {}
-        for block in sorted(self._blocks.values(), key=lambda b: (b.depth, b.block_hash)):
-            index = run_ending_with.pop(block.parent_hash, None) if block.parent_hash else None
-            if index is None:
-                index = len(runs)
-                runs.append([])
-                parents.append(block.parent_hash)
-            runs[index].append(block.block_hash)
-            run_ending_with[block.block_hash] = index
-        events.extend(
-            BlocksStored(tuple(run), parent) for run, parent in zip(runs, parents, strict=True)
-        )
-        return events
-
-    # -- internals -----------------------------------------------------------------------
+    # -- internals: events ---------------------------------------------------------------
     def _record_removed(self, evicted: list[BlockHash]) -> None:
         """Evictions of consecutive `allocate_slots` calls become one removed event (they
         replay the same either way); it is closed by the next other event or `take_events`."""
@@ -405,20 +369,28 @@ class BlockCache:
             self._events.append(BlocksRemoved(tuple(self._open_removed)))
             self._open_removed = []
 
-    def _pin(self, block: CachedBlock) -> None:
-        if block.ref_count == 0:
-            self._num_evictable -= 1  # its heap entry is now stale
-        block.ref_count += 1
-
-    def _check_room(self, hashes: tuple[BlockHash, ...], num_anonymous: int) -> None:
-        num_new = 0
-        num_revived = 0
-        for block_hash in hashes:
-            block = self._blocks.get(block_hash)
-            if block is None:
-                num_new += 1
-            elif block.ref_count == 0:
-                num_revived += 1
+    # -- internals: runs -----------------------------------------------------------------
+    def _check_room(self, hashes: Chain, num_anonymous: int) -> int:
+        """The request's leading hits. Raises `CacheFullError`, changing nothing, if its new
+        and anonymous blocks need more slots than are free or evictable once its cached
+        blocks are pinned."""
+        runs = self._runs
+        num_hits: int | None = None
+        num_new = num_revived = 0
+        position, count = 0, len(hashes)
+        while position < count:
+            found = self._cached_stretch(hashes, position, count)
+            if found is None:
+                if num_hits is None:
+                    num_hits = position
+                end = first_cached(runs, hashes, position + 1, count)
+                num_new += end - position
+                position = end
+                continue
+            run, _, length = found
+            if not run.ref_count:
+                num_revived += length
+            position += length
         available = self.num_free_slots + self._num_evictable - num_revived
         needed = num_new + num_anonymous
         if needed > available:
@@ -426,58 +398,135 @@ class BlockCache:
                 f"request needs {needed:,} new KV blocks; only {available:,} are free or "
                 f"evictable ({self.num_active_blocks:,} of {self.num_blocks:,} in use)"
             )
+        return count if num_hits is None else num_hits
 
-    def _evict_one(self) -> BlockHash:
-        return self._evict_many(1)[0]
+    def _cached_stretch(
+        self, hashes: Chain, position: int, stop: int
+    ) -> tuple[BlockRun, int, int] | None:
+        """The run holding ``hashes[position]`` (None if it is not cached), the block's
+        offset in the run, and how many of ``hashes[position:stop]`` the run holds from
+        there in order (at least 1)."""
+        block_hash = hashes[position]
+        run = self._runs.get(block_hash)
+        if run is None:
+            return None
+        start, end = run.start, run.end
+        if run.hashes is hashes and start <= position < end:  # stored from this very chain
+            return run, position - start, min(end, stop) - position
+        offset = (
+            0
+            if run.hashes[start] == block_hash
+            else run.hashes.index(block_hash, start, end) - start
+        )
+        limit = min(end - start - offset, stop - position)
+        return run, offset, common_length(run.hashes, start + offset, hashes, position, limit)
 
-    def _evict_many(self, count: int) -> list[BlockHash]:
-        """Evict `count` blocks, least recently released first (deepest first among blocks
-        released together), in one pass over the heap; stale heap entries are dropped."""
-        evicted: list[BlockHash] = []
-        if count <= 0:
-            return evicted
-        heap = self._evictable_heap
-        blocks = self._blocks
-        while heap:
-            last_used, run = heap[0]
-            while run:
-                block_hash = run.pop()
-                block = blocks.get(block_hash)
-                if block is None or block.ref_count > 0 or block.last_used != last_used:
-                    continue
-                del blocks[block_hash]
-                evicted.append(block_hash)
-                if len(evicted) == count:
-                    if not run:
-                        heapq.heappop(heap)
-                    self._num_evictable -= count
-                    return evicted
-            heapq.heappop(heap)
-        raise CacheFullError("no evictable block left")  # callers check the room first
+    def _num_leading_cached(self, hashes: Chain, stop: int) -> int:
+        position = 0
+        while position < stop:
+            found = self._cached_stretch(hashes, position, stop)
+            if found is None:
+                break
+            position += found[2]
+        return position
 
-    def _compact_heap(self) -> None:
-        """Rebuild the heap from the evictable blocks, dropping stale runs (same order)."""
-        runs: dict[int, list[CachedBlock]] = {}
-        for block in self._blocks.values():
-            if block.ref_count == 0:
-                runs.setdefault(block.last_used, []).append(block)
-        self._evictable_heap = []
-        for last_used, run in runs.items():
-            run.sort(key=_eviction_key, reverse=True)
-            self._evictable_heap.append((last_used, [b.block_hash for b in run]))
-        heapq.heapify(self._evictable_heap)
+    def _pin_cached(
+        self, hashes: Chain, position: int, stop: int, stop_at_miss: bool = False
+    ) -> int:
+        """Pin the cached blocks ``hashes[position:stop]`` (all cached, or up to the first
+        miss with `stop_at_miss`), splitting runs so each pinned one lies inside the
+        request; returns the position reached."""
+        while position < stop:
+            found = self._cached_stretch(hashes, position, stop)
+            if found is None:
+                assert stop_at_miss, "pinning a block that is not cached"
+                break
+            run, offset, length = found
+            if offset + length < run.end - run.start:
+                run = self._split(run, offset + length)[0]
+            if offset:
+                run = self._split(run, offset)[1]
+            if not run.ref_count:
+                self._num_evictable -= length  # its eviction group's entry is now stale
+            run.ref_count += 1
+            position += length
+        return position
+
+    def _split(self, run: BlockRun, offset: int) -> tuple[BlockRun, BlockRun]:
+        """Cut `run` before its block `offset` (0 < offset < length) into (head, tail): one of
+        them is `run`, the other, the shorter, a new run its blocks now map to. An evictable
+        run's new part joins its eviction group beside it."""
+        cut = run.start + offset
+        if offset <= run.end - cut:
+            part = BlockRun(run.hashes, run.start, cut, run.depth, run.ref_count, run.last_used)
+            run.start, run.depth = cut, run.depth + offset
+            head, tail = part, run
+        else:
+            part = BlockRun(
+                run.hashes, cut, run.end, run.depth + offset, run.ref_count, run.last_used
+            )
+            run.end = cut
+            head, tail = run, part
+        self._runs.update(zip(part.block_hashes(), repeat(part)))
+        if not run.ref_count:
+            self._evictable.insert_beside(run, part, after=part is tail)
+        return head, tail
+
+    def _store(self, hashes: Chain, start: int, end: int, depth: int) -> None:
+        """New blocks ``hashes[start:end]``, pinned once, as one run at `depth`."""
+        run = BlockRun(hashes, start, end, depth, 1)
+        self._runs.update(zip(hashes[start:end], repeat(run)))
+
+    def _runs_of(self, hashes: Chain) -> list[BlockRun]:
+        """The runs holding a pinned request's blocks, each once: every run lies whole inside
+        the request (pins split runs), in chain order unless the request pinned blocks past
+        a gap in its chain."""
+        runs = self._runs
+        found: list[BlockRun] = []
+        position, count = 0, len(hashes)
+        while position < count:
+            run = runs[hashes[position]]
+            size = run.end - run.start
+            if not (run.hashes is hashes and run.start == position) and (
+                run.hashes[run.start : run.end] != hashes[position : position + size]
+            ):
+                return list(dict.fromkeys(map(runs.__getitem__, hashes)))
+            found.append(run)
+            position += size
+        return found
+
+    def _eviction_group(self, freed: list[BlockRun]) -> list[BlockRun]:
+        """Runs released together, in eviction-group order (`kvqueue.gpu.eviction`): by depth
+        if their depths are disjoint (always, for a chain), else split into single blocks
+        sorted by ``(-depth, hash)``."""
+        if not _disjoint_by_depth(freed):
+            freed = sorted(freed, key=lambda run: run.depth)
+            if not _disjoint_by_depth(freed):
+                freed = self._single_blocks(freed)
+                freed.sort(key=group_order, reverse=True)
+        return freed
+
+    def _single_blocks(self, group: list[BlockRun]) -> list[BlockRun]:
+        """Replace each run of `group` by runs of one block (same state); the old runs end
+        empty."""
+        singles: list[BlockRun] = []
+        for run in group:
+            for i in range(run.end - run.start):
+                single = BlockRun(
+                    run.hashes, run.start + i, run.start + i + 1, run.depth + i, 0, run.last_used
+                )
+                self._runs[run.hashes[run.start + i]] = single
+                singles.append(single)
+            run.end = run.start
+        return singles
 
 
-def _eviction_key(block: CachedBlock) -> tuple[int, BlockHash]:
-    """Order within blocks released together: deepest first, then by hash."""
-    return (-block.depth, block.block_hash)
-
-
-def _stored_run(
-    run: list[BlockHash], hashes: tuple[BlockHash, ...], end: int
-) -> list[BlocksStored]:
-    """The stored event for a run of new blocks ending just before position `end`."""
-    if not run:
-        return []
-    start = end - len(run)
-    return [BlocksStored(tuple(run), hashes[start - 1] if start > 0 else None)]
+def _disjoint_by_depth(runs: list[BlockRun]) -> bool:
+    """Each run lies at depths after the previous run's (so evicting them from the last one
+    back, each from its end, goes deepest block first)."""
+    reached = -1
+    for run in runs:
+        if run.depth < reached:
+            return False
+        reached = run.depth + run.end - run.start
+    return True
