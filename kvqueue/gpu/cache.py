@@ -192,7 +192,7 @@ class BlockCache:
         hashes = tuple(block_hashes)
         num_blocks = len(hashes)
         self.check_fits(num_blocks, num_anonymous_blocks)
-        num_hits = self._check_room(hashes, num_anonymous_blocks)
+        num_hits, past_miss = self._check_room(hashes, num_anonymous_blocks)
 
         position = self._pin_cached(hashes, 0, num_hits)
         runs = self._runs
@@ -205,7 +205,9 @@ class BlockCache:
                 continue
             start = position
             while True:  # new blocks up to the next cached one, if evicting spared it
-                end = first_cached(runs, hashes, position + 1, num_blocks)
+                end = num_blocks
+                if past_miss:
+                    end = first_cached(runs, hashes, position + 1, num_blocks)
                 needed = end - position
                 taken = min(free, needed)
                 free -= taken
@@ -370,24 +372,32 @@ class BlockCache:
             self._open_removed = []
 
     # -- internals: runs -----------------------------------------------------------------
-    def _check_room(self, hashes: Chain, num_anonymous: int) -> int:
-        """The request's leading hits. Raises `CacheFullError`, changing nothing, if its new
-        and anonymous blocks need more slots than are free or evictable once its cached
-        blocks are pinned."""
+    def _check_room(self, hashes: Chain, num_anonymous: int) -> tuple[int, bool]:
+        """The request's leading hits, and whether any block past its first miss is cached
+        (never, for a chain in a prefix-closed cache). Raises `CacheFullError`, changing
+        nothing, if its new and anonymous blocks need more slots than are free or evictable
+        once its cached blocks are pinned."""
         runs = self._runs
-        num_hits: int | None = None
-        num_new = num_revived = 0
-        position, count = 0, len(hashes)
-        while position < count:
+        count = len(hashes)
+        num_hits = num_revived = 0
+        while num_hits < count:
+            found = self._cached_stretch(hashes, num_hits, count)
+            if found is None:
+                break
+            run, _, length = found
+            if not run.ref_count:
+                num_revived += length
+            num_hits += length
+        num_new = count - num_hits
+        past_miss = not runs.keys().isdisjoint(hashes[num_hits + 1 :])
+        position = num_hits
+        while past_miss and position < count:
             found = self._cached_stretch(hashes, position, count)
             if found is None:
-                if num_hits is None:
-                    num_hits = position
-                end = first_cached(runs, hashes, position + 1, count)
-                num_new += end - position
-                position = end
+                position = first_cached(runs, hashes, position + 1, count)
                 continue
             run, _, length = found
+            num_new -= length
             if not run.ref_count:
                 num_revived += length
             position += length
@@ -398,7 +408,7 @@ class BlockCache:
                 f"request needs {needed:,} new KV blocks; only {available:,} are free or "
                 f"evictable ({self.num_active_blocks:,} of {self.num_blocks:,} in use)"
             )
-        return count if num_hits is None else num_hits
+        return num_hits, past_miss
 
     def _cached_stretch(
         self, hashes: Chain, position: int, stop: int
@@ -478,19 +488,18 @@ class BlockCache:
         self._runs.update(zip(hashes[start:end], repeat(run)))
 
     def _runs_of(self, hashes: Chain) -> list[BlockRun]:
-        """The runs holding a pinned request's blocks, each once: every run lies whole inside
-        the request (pins split runs), in chain order unless the request pinned blocks past
-        a gap in its chain."""
+        """The runs holding a pinned request's blocks, in its order. Each lies whole and in
+        order inside it: runs are only ever cut, and a pin cuts them at the stretches of the
+        request they match."""
         runs = self._runs
         found: list[BlockRun] = []
         position, count = 0, len(hashes)
         while position < count:
             run = runs[hashes[position]]
             size = run.end - run.start
-            if not (run.hashes is hashes and run.start == position) and (
-                run.hashes[run.start : run.end] != hashes[position : position + size]
-            ):
-                return list(dict.fromkeys(map(runs.__getitem__, hashes)))
+            assert (run.hashes is hashes and run.start == position) or (
+                run.hashes[run.start : run.end] == hashes[position : position + size]
+            ), "a pinned run lies whole and in order inside the request"
             found.append(run)
             position += size
         return found
