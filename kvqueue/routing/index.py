@@ -20,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Protocol
 
 from kvqueue.gpu.events import AllBlocksCleared, BlocksRemoved, BlocksStored, CacheEvent
@@ -115,14 +116,14 @@ class PendingMarks:
         if not generations or now - generations[-1].opened_ms >= ttl_ms / 2:
             generations.append(_Generation(now, expires, {}))
         newest = generations[-1]
-        newest.marks.update(dict.fromkeys(block_hashes, expires))
+        newest.marks.update(zip(block_hashes, repeat(expires)))
         newest.expires_ms = max(newest.expires_ms, expires)
 
     def end(self, block_hashes: Sequence[BlockHash], now: float) -> None:
         """Stored blocks: their marks count no more (marked or not, they shadow older ones)."""
         self._drop_expired(now)
         if self._generations:
-            self._generations[-1].marks.update(dict.fromkeys(block_hashes, _ENDED))
+            self._generations[-1].marks.update(zip(block_hashes, repeat(_ENDED)))
 
     def expiry(self, block_hash: BlockHash) -> float:
         """When the block's latest mark expires; `_ENDED` when it has none or it ended."""

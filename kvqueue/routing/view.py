@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -63,6 +64,9 @@ class WorkerLoad:
         return self.used_blocks / self.capacity_blocks if self.capacity_blocks else 0.0
 
 
+NO_LOAD = WorkerLoad()  # a worker the view has no figures for (immutable, so shared)
+
+
 @dataclass(frozen=True, slots=True)
 class RouterView:
     """What a policy may look at. `workers` is the live workers in worker order.
@@ -90,7 +94,7 @@ class RouterView:
     )
 
     def load(self, worker: str) -> WorkerLoad:
-        return self.loads.get(worker, WorkerLoad())
+        return self.loads.get(worker, NO_LOAD)
 
     def matched(self, worker: str) -> int:
         return self.matched_blocks.get(worker, 0)
@@ -99,6 +103,7 @@ class RouterView:
         return self.active_matched_blocks.get(worker, 0)
 
 
+@functools.lru_cache(maxsize=4_096)
 def worker_order(worker: str) -> tuple:
-    """Natural order: worker-2 before worker-10."""
+    """Natural order: worker-2 before worker-10. Memoized: policies sort by it per decision."""
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", worker))
