@@ -6,7 +6,10 @@ Steps, each timed with ``time.perf_counter`` (best of ``--repeat``):
    hashes), in its own table against its own baseline: `kvqueue.gpu.hashing.chain` (the
    chained SHA-256 every tokenized prompt goes through) over as many 16-token blocks as the
    expanded trace holds. ``× baseline`` is expansion's blocks/s divided by the baseline's;
-2. baseline: a plain loop over the same requests, in arrival order, doing only
+2. two baselines over the same requests, in arrival order. *Set pass*: every request's
+   block hashes added to one set (`set.update`, one C-level touch of every block, nothing
+   else): the floor of any per-block work, independent of kvqueue's code, so its column
+   compares runs of different versions of the code on a loaded machine. *Cache loop*: only
    ``BlockCache.allocate`` then ``release`` on one cache of the preset's size (no router, no
    index, no events consumed, no event loop; a request larger than the cache is skipped);
 3. `simulate(requests, strategy, --workers, preset=--preset, engine=...)` for each engine
@@ -15,8 +18,10 @@ Steps, each timed with ``time.perf_counter`` (best of ``--repeat``):
    ``--single-step`` the batched engine also runs without fast-forward (one forward pass
    at a time), to show what jumping over decode runs buys.
 
-``× baseline`` in the simulator table is the strategy's requests/s divided by the baseline's:
-the price of everything the simulator does beyond touching a block cache once per request.
+``× baseline`` in the simulator table is the strategy's requests/s divided by the cache
+loop's: the price of everything the simulator does beyond touching a block cache once per
+request. ``÷ set pass`` is the row's seconds divided by the set pass's: how many C-level
+touches of every block the row costs.
 The table also shows each strategy's block hit rate and completed/rejected counts, so a fast
 but wrong run stands out; the baseline's hit rate is that of one cache of one GPU's size
 serving everything. Usage::
@@ -95,6 +100,14 @@ def cache_loop(requests: Sequence[Request], num_blocks: int) -> BlockCache:
     return cache
 
 
+def set_pass(requests: Sequence[Request]) -> set[BlockHash]:
+    """Every request's block hashes added to one set, in arrival order."""
+    seen: set[BlockHash] = set()
+    for request in sorted(requests, key=lambda r: r.arrival_ms):
+        seen.update(request.block_hashes)
+    return seen
+
+
 def describe(results: Sequence[RequestResult]) -> tuple[float | None, int, int]:
     done = [r for r in results if r.status is RequestStatus.COMPLETED]
     rejected = sum(r.status is RequestStatus.REJECTED for r in results)
@@ -141,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     num_requests = len(requests)
     num_blocks = sum(r.num_blocks for r in requests)
     hash_s, _ = best_of(args.repeat, lambda: chained_hashing(num_blocks))
+    floor_s, _ = best_of(args.repeat, lambda: set_pass(requests))
     base_s, cache = best_of(args.repeat, lambda: cache_loop(requests, preset.num_blocks))
     num_skipped = num_requests - sum(
         request.num_blocks <= preset.num_blocks for request in requests
@@ -183,22 +197,28 @@ def main(argv: list[str] | None = None) -> int:
         )
     header = (
         f"{'step':<52} {'seconds':>8} {'req/s':>9} {'× baseline':>10} {'hit rate':>8} "
-        f"{'completed':>9} {'rejected':>8}"
+        f"{'completed':>9} {'rejected':>8} {'÷ set pass':>10}"
     )
     print()
     print(header)
     print("-" * len(header))
     print(
+        f"{'baseline: set pass, every block once':<52} {floor_s:>8.2f} "
+        f"{num_requests / floor_s:>9,.0f} {base_s / floor_s:>9.2f}x {'-':>8} {'-':>9} "
+        f"{'-':>8} {1.0:>9.2f}x"
+    )
+    print(
         f"{'baseline: one cache, allocate+release':<52} {base_s:>8.2f} {base_rate:>9,.0f} "
         f"{1.0:>9.2f}x {cache.stats.hit_rate:>8.1%} {num_requests - num_skipped:>9,} "
-        f"{num_skipped:>8,}"
+        f"{num_skipped:>8,} {base_s / floor_s:>9.2f}x"
     )
     for strategy, seconds, (hit, done, rejected) in rows:
         rate = num_requests / seconds
         hit_text = "-" if hit is None else f"{hit:.1%}"
         print(
             f"{'simulate: ' + strategy:<52} {seconds:>8.2f} {rate:>9,.0f} "
-            f"{rate / base_rate:>9.2f}x {hit_text:>8} {done:>9,} {rejected:>8,}"
+            f"{rate / base_rate:>9.2f}x {hit_text:>8} {done:>9,} {rejected:>8,} "
+            f"{seconds / floor_s:>9.2f}x"
         )
     total = read_s + sum(seconds for _, seconds, _ in rows)
     print(f"\nexpansion + all strategies: {total:.1f} s")

@@ -25,6 +25,7 @@ TIMEOUT_S = 300
 SMOKE_TESTED = {
     "bench_core.py",
     "bench_simulator.py",
+    "bench_sim_growth.py",
     "bench_router.py",
     "bench_pipeline.py",
     "bench_faults.py",
@@ -71,6 +72,18 @@ def test_bench_simulator_quick_prints_both_tables(tmp_path: Path) -> None:
     assert_table(stdout, "trace", "expansion", "seconds", "req/s", "blocks/s")
     assert_table(stdout, "step", "seconds", "req/s", "×", "baseline", "hit", "rate")
     assert "60 requests" in stdout
+
+
+def test_bench_sim_growth_quick_prints_its_table_and_plots(tmp_path: Path) -> None:
+    records = random_mooncake_records(random.Random(1), 120)
+    trace = write_mooncake_trace(tmp_path / "trace.jsonl", records)
+    png = tmp_path / "growth.png"
+
+    stdout = run_quick("bench_sim_growth.py", "--trace", str(trace), "--plot", str(png))
+
+    assert_table(stdout, "sweep", "engine", "requests", "prompt", "tok", "blocks", "seconds")
+    assert "batched/calibrated" in stdout and "sequential/seed" in stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.redis
