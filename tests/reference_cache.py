@@ -28,7 +28,6 @@ class CachedBlock:
     last_used: int = 0
 
 
-
 class ReferenceBlockCache:
     """A paged KV cache of `num_blocks` slots holding chained-hash blocks."""
 

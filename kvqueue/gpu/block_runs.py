@@ -8,8 +8,9 @@ Splitting a run is cutting the view in two; evicting from it moves `end` down.
 
 Comparing a request's chain with a run is a slice comparison (the hash objects of one trace
 are shared, so mostly identity checks) and finding where a chain stops being cached is a
-scan by `dict.__contains__`: both run in C, so walking a chain costs Python work per run,
-not per block. The helpers here are pure; `kvqueue.gpu.cache` owns the runs' state.
+scan of the run heads by `dict.__contains__`: both run in C, so walking a chain costs Python
+work per run, not per block. The helpers here are pure; `kvqueue.gpu.cache` owns the runs'
+state.
 """
 
 from __future__ import annotations
@@ -37,10 +38,6 @@ class BlockRun:
     ref_count: int = 0
     last_used: int = 0
     group: list[BlockRun] | None = None
-
-    @property
-    def num_blocks(self) -> int:
-        return self.end - self.start
 
     def block_hashes(self) -> Chain:
         return self.hashes[self.start : self.end]

@@ -25,21 +25,33 @@ step (evicting), `commit_full` turns slots whose block just became full into cac
 cached and evictable. A table's hashed blocks always form one chain from its first block, so
 the children-before-parents rule above holds for both.
 
-**Runs.** The state is kept per run of blocks (`kvqueue.gpu.block_runs`), not per block: a
-stored stretch of a chain is one run, split where a later request's pins begin or end, so
-every block of a run is pinned by the same requests and was released at the same time. Each
-cached hash maps to its run. Lookups, pins, releases and evictions do Python work per run and
-leave the per-block part to C (slice comparisons, dict updates), so a 1,000-block prompt
-costs a handful of runs, not a thousand steps. The eviction order is kept by
-`kvqueue.gpu.eviction` over runs, block for block the order stated above. A request's block
-hashes must not repeat (chained hashes never do).
+**Runs: a radix tree over chains.** The state is kept per run of blocks
+(`kvqueue.gpu.block_runs`), not per block: a stored stretch of a request's chain is one run,
+cut where a later request's pins begin or end, so every block of a run is pinned by the same
+requests and was released at the same time; runs are never merged. Only a run's first block
+is indexed (`_heads`, as SGLang's `RadixCache` keys a node's children by their first token):
+a request's cached blocks are found by walking from its first block run by run, comparing
+each run with the request's next blocks in one slice comparison. Lookups, pins, releases,
+stores and evictions therefore do Python work and dict operations per run, and the per-block
+part is a few C-level slice copies and comparisons: a 1,000-block prompt costs a handful of
+runs, not a thousand steps. The eviction order is kept over runs by `kvqueue.gpu.eviction`,
+block for block the order stated above.
+
+What the walk assumes, which chained hashing guarantees: a request is a chain from its
+first block in which a block's hash determines the block before it (equal hash ⇒ equal
+prefix), and a request's first block is the first block of a chain, never a block some
+other request has at a later position. Then a cached block the request reaches is always
+the first block of a run or the continuation of the run the walk is in, including a block
+cached past the request's first miss (scenarios in `tests/test_cache.py`), so the walk
+finds exactly what a lookup of every hash would. A request cut out of the middle of another
+request's cached chain would not find it, and a request's block hashes must not repeat.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import chain
 
 from kvqueue.errors import CacheFullError, ConfigError, RequestRejected
 from kvqueue.gpu.block_runs import BlockRun, Chain, common_length, first_cached, group_order
@@ -100,7 +112,8 @@ class BlockCache:
             raise ConfigError(f"num_blocks must be positive, got {num_blocks}")
         self.num_blocks = num_blocks
         self.stats = CacheStats()
-        self._runs: dict[BlockHash, BlockRun] = {}  # every cached block → its run
+        self._heads: dict[BlockHash, BlockRun] = {}  # the first block of every run → the run
+        self._num_cached = 0
         self._evictable = EvictionQueue()
         self._num_evictable = 0
         self._num_anonymous = 0
@@ -111,11 +124,11 @@ class BlockCache:
     # -- queries -------------------------------------------------------------------------
     @property
     def num_cached_blocks(self) -> int:
-        return len(self._runs)
+        return self._num_cached
 
     @property
     def num_used_slots(self) -> int:
-        return len(self._runs) + self._num_anonymous
+        return self._num_cached + self._num_anonymous
 
     @property
     def num_free_slots(self) -> int:
@@ -147,18 +160,23 @@ class BlockCache:
             found = self._cached_stretch(hashes, hits, stop)
             if found is None:
                 break
-            run, _, length = found
+            run, length = found
             if not run.ref_count:
                 evictable += length
             hits += length
         return hits, evictable
 
     def cached_hashes(self) -> set[BlockHash]:
-        return set(self._runs)
+        """Every cached block (a pass over all runs: for tests and inspection)."""
+        return set(chain.from_iterable(run.block_hashes() for run in self._heads.values()))
 
     def ref_count(self, block_hash: BlockHash) -> int:
-        run = self._runs.get(block_hash)
-        return run.ref_count if run else 0
+        """How many requests pin the block, 0 if it is not cached (a pass over all runs:
+        for tests and inspection)."""
+        for run in self._heads.values():
+            if block_hash in run.block_hashes():
+                return run.ref_count
+        return 0
 
     def lookup(self, block_hashes: Sequence[BlockHash]) -> int:
         """Length of the leading run of `block_hashes` that is cached. Changes nothing."""
@@ -195,26 +213,26 @@ class BlockCache:
         num_hits, past_miss = self._check_room(hashes, num_anonymous_blocks)
 
         position = self._pin_cached(hashes, 0, num_hits)
-        runs = self._runs
-        free = self.num_blocks - len(runs) - self._num_anonymous
+        heads = self._heads
+        free = self.num_blocks - self._num_cached - self._num_anonymous
         evicted: list[BlockHash] = []
         stored: list[BlocksStored] = []
         while position < num_blocks:
-            if hashes[position] in runs:  # cached beyond the first miss: pinned, not stored
+            if hashes[position] in heads:  # cached beyond the first miss: pinned, not stored
                 position = self._pin_cached(hashes, position, num_blocks, stop_at_miss=True)
                 continue
             start = position
             while True:  # new blocks up to the next cached one, if evicting spared it
                 end = num_blocks
                 if past_miss:
-                    end = first_cached(runs, hashes, position + 1, num_blocks)
+                    end = first_cached(heads, hashes, position + 1, num_blocks)
                 needed = end - position
                 taken = min(free, needed)
                 free -= taken
                 if needed > taken:
-                    evicted += self._evictable.evict(needed - taken, runs)
+                    evicted += self._evict(needed - taken)
                 position = end
-                if position == num_blocks or hashes[position] in runs:
+                if position == num_blocks or hashes[position] in heads:
                     break
             self._store(hashes, start, position, start)
             stored.append(
@@ -222,7 +240,7 @@ class BlockCache:
             )
         taken = min(free, num_anonymous_blocks)
         if num_anonymous_blocks > taken:
-            evicted += self._evictable.evict(num_anonymous_blocks - taken, runs)
+            evicted += self._evict(num_anonymous_blocks - taken)
         self._num_anonymous += num_anonymous_blocks
         self._num_evictable -= len(evicted)
         # Evicted hashes are never among the stored ones, so reporting the removals first
@@ -263,7 +281,7 @@ class BlockCache:
             allocation.block_hashes = []
             allocation.num_anonymous_blocks = 0
         if len(self._evictable) > 2 * self.num_blocks:
-            self._evictable.compact(set(self._runs.values()))
+            self._evictable.compact(self._heads.values())
 
     def pin_prefix(
         self, table: BlockTable, block_hashes: Sequence[BlockHash], num_hits: int
@@ -302,7 +320,7 @@ class BlockCache:
                 f"evictable ({self.num_active_blocks:,} of {self.num_blocks:,} in use)"
             )
         free = self.num_free_slots
-        evicted = self._evictable.evict(num_slots - min(free, num_slots), self._runs)
+        evicted = self._evict(num_slots - min(free, num_slots))
         self._num_anonymous += num_slots
         table.num_anonymous_blocks += num_slots
         if evicted:
@@ -327,16 +345,16 @@ class BlockCache:
             )
         self._flush_removed()
         hashes = tuple(block_hashes)
-        runs = self._runs
+        heads = self._heads
         chain = table.block_hashes
         base = len(chain)
         position, count = 0, len(hashes)
         while position < count:
-            if hashes[position] in runs:
+            if hashes[position] in heads:
                 position = self._pin_cached(hashes, position, count, stop_at_miss=True)
                 continue
             start = position
-            position = first_cached(runs, hashes, start + 1, count)
+            position = first_cached(heads, hashes, start + 1, count)
             self._store(hashes, start, position, base + start)
             parent = hashes[start - 1] if start else (chain[-1] if chain else None)
             self._events.append(BlocksStored(hashes[start:position], parent))
@@ -348,7 +366,8 @@ class BlockCache:
         """Drop every block (a restarted GPU). Only valid while no request is running."""
         if self.num_active_blocks:
             raise CacheFullError(f"cannot clear: {self.num_active_blocks} blocks are in use")
-        self._runs.clear()
+        self._heads.clear()
+        self._num_cached = 0
         self._evictable.clear()
         self._num_evictable = 0
         self._flush_removed()
@@ -377,26 +396,26 @@ class BlockCache:
         (never, for a chain in a prefix-closed cache). Raises `CacheFullError`, changing
         nothing, if its new and anonymous blocks need more slots than are free or evictable
         once its cached blocks are pinned."""
-        runs = self._runs
+        heads = self._heads
         count = len(hashes)
         num_hits = num_revived = 0
         while num_hits < count:
             found = self._cached_stretch(hashes, num_hits, count)
             if found is None:
                 break
-            run, _, length = found
+            run, length = found
             if not run.ref_count:
                 num_revived += length
             num_hits += length
         num_new = count - num_hits
-        past_miss = not runs.keys().isdisjoint(hashes[num_hits + 1 :])
+        past_miss = not heads.keys().isdisjoint(hashes[num_hits + 1 :])
         position = num_hits
         while past_miss and position < count:
             found = self._cached_stretch(hashes, position, count)
             if found is None:
-                position = first_cached(runs, hashes, position + 1, count)
+                position = first_cached(heads, hashes, position + 1, count)
                 continue
-            run, _, length = found
+            run, length = found
             num_new -= length
             if not run.ref_count:
                 num_revived += length
@@ -412,24 +431,18 @@ class BlockCache:
 
     def _cached_stretch(
         self, hashes: Chain, position: int, stop: int
-    ) -> tuple[BlockRun, int, int] | None:
-        """The run holding ``hashes[position]`` (None if it is not cached), the block's
-        offset in the run, and how many of ``hashes[position:stop]`` the run holds from
-        there in order (at least 1)."""
-        block_hash = hashes[position]
-        run = self._runs.get(block_hash)
+    ) -> tuple[BlockRun, int] | None:
+        """The run that ``hashes[position]`` heads (None if it heads none: not cached, for a
+        request as the class docstring assumes) and how many of ``hashes[position:stop]`` it
+        holds in order (at least 1)."""
+        run = self._heads.get(hashes[position])
         if run is None:
             return None
         start, end = run.start, run.end
-        if run.hashes is hashes and start <= position < end:  # stored from this very chain
-            return run, position - start, min(end, stop) - position
-        offset = (
-            0
-            if run.hashes[start] == block_hash
-            else run.hashes.index(block_hash, start, end) - start
-        )
-        limit = min(end - start - offset, stop - position)
-        return run, offset, common_length(run.hashes, start + offset, hashes, position, limit)
+        if run.hashes is hashes and start == position:  # stored from this very chain
+            return run, min(end, stop) - position
+        limit = min(end - start, stop - position)
+        return run, common_length(run.hashes, start, hashes, position, limit)
 
     def _num_leading_cached(self, hashes: Chain, stop: int) -> int:
         position = 0
@@ -437,7 +450,7 @@ class BlockCache:
             found = self._cached_stretch(hashes, position, stop)
             if found is None:
                 break
-            position += found[2]
+            position += found[1]
         return position
 
     def _pin_cached(
@@ -451,51 +464,46 @@ class BlockCache:
             if found is None:
                 assert stop_at_miss, "pinning a block that is not cached"
                 break
-            run, offset, length = found
-            if offset + length < run.end - run.start:
-                run = self._split(run, offset + length)[0]
-            if offset:
-                run = self._split(run, offset)[1]
+            run, length = found
+            if length < run.end - run.start:
+                self._split(run, length)
             if not run.ref_count:
                 self._num_evictable -= length  # its eviction group's entry is now stale
             run.ref_count += 1
             position += length
         return position
 
-    def _split(self, run: BlockRun, offset: int) -> tuple[BlockRun, BlockRun]:
-        """Cut `run` before its block `offset` (0 < offset < length) into (head, tail): one of
-        them is `run`, the other, the shorter, a new run its blocks now map to. An evictable
-        run's new part joins its eviction group beside it."""
+    def _split(self, run: BlockRun, offset: int) -> BlockRun:
+        """Cut `run` before its block `offset` (0 < offset < length): `run` keeps the blocks
+        before, a new run (returned) heads the rest and, if `run` is evictable, follows it
+        in its eviction group."""
         cut = run.start + offset
-        if offset <= run.end - cut:
-            part = BlockRun(run.hashes, run.start, cut, run.depth, run.ref_count, run.last_used)
-            run.start, run.depth = cut, run.depth + offset
-            head, tail = part, run
-        else:
-            part = BlockRun(
-                run.hashes, cut, run.end, run.depth + offset, run.ref_count, run.last_used
-            )
-            run.end = cut
-            head, tail = run, part
-        self._runs.update(zip(part.block_hashes(), repeat(part)))
+        tail = BlockRun(run.hashes, cut, run.end, run.depth + offset, run.ref_count, run.last_used)
+        run.end = cut
+        self._heads[run.hashes[cut]] = tail
         if not run.ref_count:
-            self._evictable.insert_beside(run, part, after=part is tail)
-        return head, tail
+            self._evictable.insert_after(run, tail)
+        return tail
 
     def _store(self, hashes: Chain, start: int, end: int, depth: int) -> None:
         """New blocks ``hashes[start:end]``, pinned once, as one run at `depth`."""
-        run = BlockRun(hashes, start, end, depth, 1)
-        self._runs.update(zip(hashes[start:end], repeat(run)))
+        self._heads[hashes[start]] = BlockRun(hashes, start, end, depth, 1)
+        self._num_cached += end - start
+
+    def _evict(self, count: int) -> list[BlockHash]:
+        evicted = self._evictable.evict(count, self._heads)
+        self._num_cached -= count
+        return evicted
 
     def _runs_of(self, hashes: Chain) -> list[BlockRun]:
         """The runs holding a pinned request's blocks, in its order. Each lies whole and in
         order inside it: runs are only ever cut, and a pin cuts them at the stretches of the
         request they match."""
-        runs = self._runs
+        heads = self._heads
         found: list[BlockRun] = []
         position, count = 0, len(hashes)
         while position < count:
-            run = runs[hashes[position]]
+            run = heads[hashes[position]]
             size = run.end - run.start
             assert (run.hashes is hashes and run.start == position) or (
                 run.hashes[run.start : run.end] == hashes[position : position + size]
@@ -524,7 +532,7 @@ class BlockCache:
                 single = BlockRun(
                     run.hashes, run.start + i, run.start + i + 1, run.depth + i, 0, run.last_used
                 )
-                self._runs[run.hashes[run.start + i]] = single
+                self._heads[run.hashes[run.start + i]] = single
                 singles.append(single)
             run.end = run.start
         return singles

@@ -9,8 +9,9 @@ clock, least recent first.
 
 Lazy: nothing is removed from a group when one of its runs is pinned again (or released again
 later, or evicted); the eviction pass skips runs whose `ref_count` is not 0, whose
-`last_used` is not the group's clock, or that are empty. A run split while evictable has its
-new part inserted next to it in its group (`insert_beside`), so the order holds.
+`last_used` is not the group's clock, or that are empty. A run split while evictable keeps
+its first part and has the rest, deeper, inserted right after it in its group
+(`insert_after`), so the order holds.
 
 Invariant: every evictable run (``ref_count == 0``, not empty) is in the group of the release
 that made it evictable (its `group`, whose clock is its `last_used`), and the blocks of all
@@ -44,9 +45,10 @@ class EvictionQueue:
             run.group = group
         heapq.heappush(self._heap, (clock, group))
 
-    def evict(self, count: int, cached: MutableMapping[BlockHash, BlockRun]) -> list[BlockHash]:
-        """Evict `count` blocks in order: delete them from `cached`, empty or shorten their
-        runs, and return their hashes in eviction order. Stale runs met are dropped.
+    def evict(self, count: int, heads: MutableMapping[BlockHash, BlockRun]) -> list[BlockHash]:
+        """Evict `count` blocks in order: shorten their runs from the end, delete the runs
+        left empty from `heads` (first block → run), and return the hashes in eviction
+        order. Stale runs met are dropped.
 
         Raises `CacheFullError` if fewer than `count` blocks are evictable (callers check
         the room first)."""
@@ -66,8 +68,8 @@ class EvictionQueue:
                 cut = run.end - need if size > need else run.start
                 blocks = run.hashes[cut : run.end]
                 run.end = cut
-                for block_hash in blocks:
-                    del cached[block_hash]
+                if cut == run.start:
+                    del heads[blocks[0]]
                 evicted.extend(reversed(blocks))
                 need -= len(blocks)
                 if not need:
@@ -77,13 +79,13 @@ class EvictionQueue:
                 heapq.heappop(heap)
         return evicted
 
-    def insert_beside(self, run: BlockRun, part: BlockRun, after: bool) -> None:
-        """`part` was split off the evictable `run`: it joins `run`'s group right before it
-        (a shallower part, evicted after it) or right after it (a deeper one)."""
+    def insert_after(self, run: BlockRun, tail: BlockRun) -> None:
+        """`tail` was cut off the end of the evictable `run`: it joins `run`'s group right
+        after it, so it is evicted first."""
         group = run.group
         assert group is not None, "an evictable run is in its group"
-        group.insert(group.index(run) + after, part)
-        part.group = group
+        group.insert(group.index(run) + 1, tail)
+        tail.group = group
 
     def compact(self, runs: Iterable[BlockRun]) -> None:
         """Rebuild from `runs` (every cached run), dropping stale entries; same order."""
