@@ -368,6 +368,24 @@ def test_allocating_slots_evicts_least_recently_released_deepest_first(make_hash
     assert snapshot(cache) == before
 
 
+def test_one_slot_for_each_table_takes_free_slots_first_then_evicts_in_order(make_hashes):
+    cache = BlockCache(5)
+    a, b = make_hashes("a0", "a1"), make_hashes("b0")
+    serve(cache, a)
+    serve(cache, b)
+    cache.take_events()
+    tables = [BlockTable() for _ in range(4)]
+    assert cache.allocate_slot_each(tables) == 2  # 2 free slots, then a1 and a0 go
+    assert cache.allocate_slots(tables[0], 1) == 1  # then b0: one removed event for all
+    assert removed(cache) == [a[1], a[0], b[0]]
+    assert [t.num_anonymous_blocks for t in tables] == [2, 1, 1, 1]
+    assert [t.num_evicted for t in tables] == [1, 0, 1, 1]
+    before = snapshot(cache)
+    with pytest.raises(CacheFullError, match="1 KV blocks needed; only 0 are free or evictable"):
+        cache.allocate_slot_each(tables[:1])
+    assert snapshot(cache) == before
+
+
 def test_a_released_table_leaves_its_hashed_blocks_cached_and_frees_the_rest(make_hashes):
     cache = BlockCache(8)
     hashes = make_hashes("q0", "q1")

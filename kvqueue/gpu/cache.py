@@ -330,6 +330,33 @@ class BlockCache:
             table.num_evicted += len(evicted)
         return len(evicted)
 
+    def allocate_slot_each(self, tables: Sequence[BlockTable]) -> int:
+        """One more anonymous slot for each of `tables`, in order: what ``allocate_slots(table,
+        1)`` for each in turn does (the first ones take the free slots, each of the others
+        evicts one block), in one eviction pass. Returns the number evicted.
+
+        Raises `CacheFullError`, changing nothing, if fewer than ``len(tables)`` slots are
+        allocatable.
+        """
+        count = len(tables)
+        if count > self.num_allocatable:
+            raise CacheFullError(
+                f"{count:,} KV blocks needed; only {self.num_allocatable:,} are free or "
+                f"evictable ({self.num_active_blocks:,} of {self.num_blocks:,} in use)"
+            )
+        num_free = min(self.num_free_slots, count)
+        evicted = self._evict(count - num_free)
+        self._num_anonymous += count
+        for table in tables:
+            table.num_anonymous_blocks += 1
+        if evicted:
+            self._num_evictable -= len(evicted)
+            self._record_removed(evicted)
+            self.stats.num_evictions += len(evicted)
+            for table in tables[num_free:]:
+                table.num_evicted += 1
+        return len(evicted)
+
     def commit_full(self, table: BlockTable, block_hashes: Sequence[BlockHash]) -> None:
         """Blocks of `table` became full: turn as many of its anonymous slots into these
         cached blocks, which continue its chain, pinned, and report them stored.

@@ -44,6 +44,7 @@ the order single steps would: step by step, running order within a step), and
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -363,12 +364,14 @@ class BatchScheduler:
         """Make the KV allocations of the run's first `num_steps_started` steps."""
         assert run is self._run, "not the current decode run"
         allocations = run.allocations
-        end = min(num_steps_started, run.num_steps)
-        cache = self.cache
-        while run.num_allocated < len(allocations) and allocations[run.num_allocated][0] < end:
-            _, position = allocations[run.num_allocated]
-            cache.allocate_slots(run.requests[position].table, 1)
-            run.num_allocated += 1
+        done = run.num_allocated
+        # Allocations are sorted by (step, position): those of steps before `end` come first.
+        todo = bisect.bisect_left(allocations, (min(num_steps_started, run.num_steps), -1), done)
+        if todo > done:
+            requests = run.requests
+            tables = [requests[position].table for _, position in allocations[done:todo]]
+            self.cache.allocate_slot_each(tables)
+            run.num_allocated = todo
 
     def cut_run(self, run: DecodeRun, num_steps: int) -> None:
         """Keep only the run's first `num_steps` steps (at least the ones already started)."""
