@@ -144,6 +144,12 @@ class BlockCache:
         return self.num_used_slots - self._num_evictable
 
     @property
+    def kv_usage(self) -> float:
+        """`num_active_blocks` as a fraction of the cache: evictable cached blocks count as
+        free (vLLM's `BlockPool.get_usage`)."""
+        return (self._num_cached + self._num_anonymous - self._num_evictable) / self.num_blocks
+
+    @property
     def num_allocatable(self) -> int:
         """Slots a new block can take now: free ones plus evictable cached ones (vLLM's
         free-block queue holds both)."""

@@ -233,7 +233,7 @@ class BatchScheduler:
         return LoadSignals(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
-            kv_usage=cache.num_active_blocks / cache.num_blocks,
+            kv_usage=cache.kv_usage,
             num_queued_prefill_tokens=self._queued_prefill_tokens,
         )
 

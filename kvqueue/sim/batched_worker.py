@@ -117,7 +117,7 @@ class BatchedWorker:
             self.scheduler.advance_run(run, begun)
             self._begun = begun
             self._apply_events()
-            self.stats.record_kv_usage(now, self.scheduler.signals().kv_usage)
+            self.stats.record_kv_usage(now, self.gpu.cache.kv_usage)
 
     def on_event(self, now: float) -> None:
         """The current step (or run) ends at `now`; the next one is scheduled at once."""
@@ -152,11 +152,11 @@ class BatchedWorker:
             self.start_ms = now
             self.end_ms = now + duration
             self.stats.record_steps(1, len(step.chunks), duration)
-            self.stats.record_kv_usage(now, scheduler.signals().kv_usage)
+            self.stats.record_kv_usage(now, self.gpu.cache.kv_usage)
             return
         self.step = None
         self.end_ms = None
-        self.stats.record_kv_usage(now, scheduler.signals().kv_usage)
+        self.stats.record_kv_usage(now, self.gpu.cache.kv_usage)
 
     def _end_step(self, now: float) -> None:
         step = self.step
@@ -196,7 +196,7 @@ class BatchedWorker:
         self._begun = 1  # the first step begins now
         self.scheduler.advance_run(run, 1)
         self._apply_events()
-        self.stats.record_kv_usage(now, self.scheduler.signals().kv_usage)
+        self.stats.record_kv_usage(now, self.gpu.cache.kv_usage)
         return True
 
     def _run_ms(self, num_steps: int) -> float:
@@ -265,7 +265,7 @@ class BatchedWorker:
             item = request.tag.item
             self.host.release_load(self.name, item, cache.num_used_slots, request.num_output)
             self._record_completed(request, now)
-        self.stats.record_kv_usage(now, self.scheduler.signals().kv_usage)
+        self.stats.record_kv_usage(now, self.gpu.cache.kv_usage)
 
     def _record_completed(self, request: EngineRequest, now: float) -> None:
         timing: _Timing = request.tag

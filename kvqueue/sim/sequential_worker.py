@@ -47,7 +47,7 @@ class SequentialWorker:
         return LoadSignals(
             num_running=0 if self.running is None else 1,
             num_waiting=len(self.queue),
-            kv_usage=cache.num_active_blocks / cache.num_blocks,
+            kv_usage=cache.kv_usage,
             num_queued_prefill_tokens=self._queued_prompt_tokens,
         )
 
@@ -80,7 +80,7 @@ class SequentialWorker:
         stats.record_gap_series(
             execution.first_token_gap_ms, execution.gap_growth_ms, execution.decode_tokens, 1
         )
-        stats.record_kv_usage(now, self.signals().kv_usage)
+        stats.record_kv_usage(now, self.gpu.cache.kv_usage)
         self.running = self.execution = None
         self.finish_ms = None
         self._start_next(now)
@@ -107,7 +107,7 @@ class SequentialWorker:
             self.host.first_token(self.name, item, now + execution.prefill_ms)
             # One prefill step, then one step per output token, each of a single request.
             self.stats.record_steps(1 + execution.decode_tokens, 1, execution.service_ms)
-            self.stats.record_kv_usage(now, self.signals().kv_usage)
+            self.stats.record_kv_usage(now, self.gpu.cache.kv_usage)
             return
 
     def _end_unserved(self, item: Queued, now: float, status: RequestStatus, reason: str) -> None:
