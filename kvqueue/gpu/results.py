@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any
 
@@ -55,7 +55,7 @@ class RequestResult:
         return self.hit_blocks * 16
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = {name: getattr(self, name) for name in _FIELD_NAMES}  # all plain values
         data["status"] = self.status.value
         data["hit_tokens"] = self.hit_tokens
         return data
@@ -66,3 +66,6 @@ class RequestResult:
         values = {k: v for k, v in data.items() if k in known}
         values["status"] = RequestStatus(values["status"])
         return cls(**values)
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(RequestResult))

@@ -116,9 +116,10 @@ def build_dashboard(
         "num_requests": len(requests),
     }
     info.update(meta or {})
+    every_id = {r.request_id for r in requests}
     return {
         "ideal_hit_rate": ideal,
-        "ideal_hit_rate_workload": ideal_hit_rate(requests),
+        "ideal_hit_rate_workload": ideal if served == every_id else ideal_hit_rate(requests),
         "meta": info,
         "strategies": strategies,
     }
