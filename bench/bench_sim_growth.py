@@ -100,29 +100,48 @@ def print_table(points: list[Point]) -> None:
 
 
 def plot(points: list[Point], path: Path, title: str) -> None:
+    """Both sweeps on log-log axes, with a dotted line proportional to x for reference."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
     for ax, sweep, x_label in (
         (axes[0], "requests", "requests simulated (first N of the trace)"),
         (axes[1], "length", "mean prompt tokens (trace prompts × length scale)"),
     ):
+        xs_seen: list[float] = []
         for engine in dict.fromkeys(p.engine for p in points):
             line = [p for p in points if p.sweep == sweep and p.engine == engine]
             xs = [p.num_requests if sweep == "requests" else p.mean_prompt_tokens for p in line]
             ax.plot(xs, [p.seconds for p in line], marker="o", label=engine)
+            xs_seen = xs
+            last_x, last_s = xs[-1], line[-1].seconds
+        if xs_seen:
+            ax.plot(
+                xs_seen,
+                [last_s * x / last_x for x in xs_seen],
+                linestyle=":",
+                color="grey",
+                label="proportional to x",
+            )
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(xs_seen)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        seconds = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(seconds)
+        ax.yaxis.set_minor_formatter(seconds)
         ax.set_xlabel(x_label)
         ax.set_ylabel("simulation wall time (s)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(frameon=False)
     axes[0].set_title("time vs number of requests")
-    axes[1].set_title("time vs prompt length")
-    fig.suptitle(title, fontsize=10)
+    axes[1].set_title("time vs prompt length (same requests)")
+    fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
