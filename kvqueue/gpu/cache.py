@@ -232,11 +232,7 @@ class BlockCache:
                 end = num_blocks
                 if past_miss:
                     end = first_cached(heads, hashes, position + 1, num_blocks)
-                needed = end - position
-                taken = min(free, needed)
-                free -= taken
-                if needed > taken:
-                    evicted += self._evict(needed - taken)
+                free = self._take_slots(end - position, free, evicted)
                 position = end
                 if position == num_blocks or hashes[position] in heads:
                     break
@@ -244,9 +240,7 @@ class BlockCache:
             stored.append(
                 BlocksStored(hashes[start:position], hashes[start - 1] if start else None)
             )
-        taken = min(free, num_anonymous_blocks)
-        if num_anonymous_blocks > taken:
-            evicted += self._evict(num_anonymous_blocks - taken)
+        self._take_slots(num_anonymous_blocks, free, evicted)
         self._num_anonymous += num_anonymous_blocks
         self._num_evictable -= len(evicted)
         # Evicted hashes are never among the stored ones, so reporting the removals first
@@ -522,6 +516,14 @@ class BlockCache:
         """New blocks ``hashes[start:end]``, pinned once, as one run at `depth`."""
         self._heads[hashes[start]] = BlockRun(hashes, start, end, depth, 1)
         self._num_cached += end - start
+
+    def _take_slots(self, count: int, free: int, evicted: list[BlockHash]) -> int:
+        """Take `count` slots, free ones first, evicting for the rest (their hashes appended
+        to `evicted`); returns the free slots left."""
+        taken = min(free, count)
+        if count > taken:
+            evicted += self._evict(count - taken)
+        return free - taken
 
     def _evict(self, count: int) -> list[BlockHash]:
         evicted = self._evictable.evict(count, self._heads)
