@@ -425,15 +425,7 @@ class BlockCache:
         once its cached blocks are pinned."""
         heads = self._heads
         count = len(hashes)
-        num_hits = num_revived = 0
-        while num_hits < count:
-            found = self._cached_stretch(hashes, num_hits, count)
-            if found is None:
-                break
-            run, length = found
-            if not run.ref_count:
-                num_revived += length
-            num_hits += length
+        num_hits, num_revived = self.lookup_prefix(hashes, count)
         num_new = count - num_hits
         past_miss = not heads.keys().isdisjoint(hashes[num_hits + 1 :])
         position = num_hits
