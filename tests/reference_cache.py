@@ -1,11 +1,12 @@
 """The previous `BlockCache`, kept as a reference for `test_cache_replay`.
 
-It kept one record per cached block (ref count, depth, last release) and did its Python work
-block by block: lookups, pins, releases and evictions walked every block of a request. The
-current cache keeps runs of blocks that share their state and does per-run Python work; the
-replay test checks that both answer every call alike, with the same events and counters.
-The class bodies are the previous ones verbatim (the cache class renamed); `Allocation`,
-`BlockTable` and `CacheStats` are the current module's, which did not change.
+It kept one record per cached block (ref count, depth, last release, parent) and did its
+Python work block by block: lookups, pins, releases and evictions walked every block of a
+request. The current cache keeps runs of blocks that share their state and does per-run
+Python work; the replay test checks that both answer every call alike, with the same events,
+counters and snapshots. The class bodies are the previous ones verbatim (the cache class
+renamed); `Allocation`, `BlockTable` and `CacheStats` are the current module's, which did not
+change.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class CachedBlock:
     depth: int
     ref_count: int = 0
     last_used: int = 0
+    parent_hash: BlockHash | None = None  # the block before it in its chain (for `snapshot`)
 
 
 class ReferenceBlockCache:
@@ -146,7 +148,8 @@ class ReferenceBlockCache:
                 free -= 1
             else:
                 evicted.append(self._evict_one())
-            blocks[block_hash] = CachedBlock(block_hash, depth, 1)
+            parent = hashes[depth - 1] if depth else None
+            blocks[block_hash] = CachedBlock(block_hash, depth, 1, parent_hash=parent)
         stored_runs += _stored_run(list(hashes[run_start:]), hashes, len(hashes))
         for _ in range(num_anonymous_blocks):
             if free:
@@ -282,7 +285,8 @@ class ReferenceBlockCache:
                     run = []
                 run_parent = block_hash
             else:
-                blocks[block_hash] = CachedBlock(block_hash, len(chain), 1)
+                parent = chain[-1] if chain else None
+                blocks[block_hash] = CachedBlock(block_hash, len(chain), 1, parent_hash=parent)
                 run.append(block_hash)
             chain.append(block_hash)
         if run:
@@ -304,6 +308,30 @@ class ReferenceBlockCache:
         """Return and forget the events since the last call, oldest first."""
         self._flush_removed()
         events, self._events = self._events, []
+        return events
+
+    def snapshot(self) -> list[CacheEvent]:
+        """Events that rebuild this cache from nothing: `cleared`, then every cached block.
+
+        Blocks come parents first (by depth), grouped into `stored` runs along chains, so a
+        consumer that needs each block's parent already holds it. Changes nothing; pending
+        `take_events` are not affected.
+        """
+        events: list[CacheEvent] = [AllBlocksCleared()]
+        runs: list[list[BlockHash]] = []
+        parents: list[BlockHash | None] = []
+        run_ending_with: dict[BlockHash, int] = {}
+        for block in sorted(self._blocks.values(), key=lambda b: (b.depth, b.block_hash)):
+            index = run_ending_with.pop(block.parent_hash, None) if block.parent_hash else None
+            if index is None:
+                index = len(runs)
+                runs.append([])
+                parents.append(block.parent_hash)
+            runs[index].append(block.block_hash)
+            run_ending_with[block.block_hash] = index
+        events.extend(
+            BlocksStored(tuple(run), parent) for run, parent in zip(runs, parents, strict=True)
+        )
         return events
 
     # -- internals -----------------------------------------------------------------------

@@ -5,10 +5,11 @@ and the batched engine preempts) record every call each worker makes on its bloc
 worker's stream is then replayed into a fresh previous and a fresh current cache, which must
 return the same from every call (hits, allocations, eviction counts, errors and their
 messages), report the same events (so the same evictions in the same order) and agree on
-every counter, every block table and every cached block's ref count after every call. At the
-end both evict everything left, in the same order. A property test does the same with call
-sequences the engines do not make: interleavings of both APIs on one cache, tables pinning
-any part of their hit and committing blocks cached by others, clears, capacities of 1 to 12.
+every counter, every block table, every cached block's ref count and the snapshot a worker
+would announce after every call. At the end both evict everything left, in the same order.
+A property test does the same with call sequences the engines do not make: interleavings of
+both APIs on one cache, tables pinning any part of their hit and committing blocks cached by
+others, clears, capacities of 1 to 12.
 
 Requests are chains from their first block (prefixes of chained hashes), as every request
 is: the current cache finds cached blocks by walking runs from a request's first block, as a
@@ -220,6 +221,7 @@ def snapshot(cache: Any) -> tuple:
     hashes = cache.cached_hashes()
     return (
         hashes,
+        cache.snapshot(),
         {h: cache.ref_count(h) for h in hashes},
         cache.num_cached_blocks,
         cache.num_used_slots,

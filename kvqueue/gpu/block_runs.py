@@ -28,8 +28,10 @@ Chain = tuple[BlockHash, ...]
 @dataclass(slots=True, eq=False)
 class BlockRun:
     """Cached blocks ``hashes[start:end]`` at depths ``depth, depth + 1, …`` (see the module
-    docstring). Empty (``start == end``) once evicted or replaced. `group` is the eviction
-    group (`kvqueue.gpu.eviction`) holding it while it is evictable."""
+    docstring). `parent` is the block before ``hashes[start]`` in its chain (None for a first
+    block); each later block's is the one before it. Empty (``start == end``) once evicted or
+    replaced. `group` is the eviction group (`kvqueue.gpu.eviction`) holding it while it is
+    evictable."""
 
     hashes: Chain
     start: int
@@ -37,6 +39,7 @@ class BlockRun:
     depth: int
     ref_count: int = 0
     last_used: int = 0
+    parent: BlockHash | None = None
     group: list[BlockRun] | None = None
 
     def block_hashes(self) -> Chain:

@@ -11,7 +11,8 @@ Invariants:
   evicted before its descendants: each worker's cache stays *prefix-closed* (no stranded
   children), which the router's index relies on;
 - every change is reported as an event (`take_events`); replaying them reproduces
-  `cached_hashes()` exactly.
+  `cached_hashes()` exactly, and so does replaying `snapshot()` alone (what a worker
+  announces when the router's copy of its cache was lost).
 
 `last_used` is a logical clock that ticks once per release, so runs are deterministic. A
 block's depth is its position in the request that stored it.
@@ -236,10 +237,8 @@ class BlockCache:
                 position = end
                 if position == num_blocks or hashes[position] in heads:
                     break
-            self._store(hashes, start, position, start)
-            stored.append(
-                BlocksStored(hashes[start:position], hashes[start - 1] if start else None)
-            )
+            parent = hashes[start - 1] if start else None
+            stored.append(self._store(hashes, start, position, start, parent))
         self._take_slots(num_anonymous_blocks, free, evicted)
         self._num_anonymous += num_anonymous_blocks
         self._num_evictable -= len(evicted)
@@ -382,9 +381,8 @@ class BlockCache:
                 continue
             start = position
             position = first_cached(heads, hashes, start + 1, count)
-            self._store(hashes, start, position, base + start)
             parent = hashes[start - 1] if start else (chain[-1] if chain else None)
-            self._events.append(BlocksStored(hashes[start:position], parent))
+            self._events.append(self._store(hashes, start, position, base + start, parent))
         chain.extend(hashes)
         self._num_anonymous -= count
         table.num_anonymous_blocks -= count
@@ -404,6 +402,40 @@ class BlockCache:
         """Return and forget the events since the last call, oldest first."""
         self._flush_removed()
         events, self._events = self._events, []
+        return events
+
+    def snapshot(self) -> list[CacheEvent]:
+        """Events that rebuild this cache from nothing: `cleared`, then every cached block.
+
+        Blocks come parents first (by depth, then hash), grouped into `stored` runs along
+        chains, so a consumer that needs each block's parent already holds it. Changes
+        nothing; pending `take_events` are not affected. A pass over every block: it
+        announces a whole cache, off the serving path.
+        """
+        blocks: list[tuple[int, BlockHash, BlockHash | None]] = []
+        for run in self._heads.values():
+            hashes, start = run.hashes, run.start
+            blocks.append((run.depth, hashes[start], run.parent))
+            blocks.extend(
+                (run.depth + position - start, hashes[position], hashes[position - 1])
+                for position in range(start + 1, run.end)
+            )
+        blocks.sort(key=lambda block: block[:2])
+        events: list[CacheEvent] = [AllBlocksCleared()]
+        runs: list[list[BlockHash]] = []
+        parents: list[BlockHash | None] = []
+        run_ending_with: dict[BlockHash, int] = {}
+        for _, block_hash, parent in blocks:
+            index = run_ending_with.pop(parent, None) if parent else None
+            if index is None:
+                index = len(runs)
+                runs.append([])
+                parents.append(parent)
+            runs[index].append(block_hash)
+            run_ending_with[block_hash] = index
+        events.extend(
+            BlocksStored(tuple(run), parent) for run, parent in zip(runs, parents, strict=True)
+        )
         return events
 
     # -- internals: events ---------------------------------------------------------------
@@ -497,17 +529,29 @@ class BlockCache:
         before, a new run (returned) heads the rest and, if `run` is evictable, follows it
         in its eviction group."""
         cut = run.start + offset
-        tail = BlockRun(run.hashes, cut, run.end, run.depth + offset, run.ref_count, run.last_used)
+        tail = BlockRun(
+            run.hashes,
+            cut,
+            run.end,
+            run.depth + offset,
+            run.ref_count,
+            run.last_used,
+            parent=run.hashes[cut - 1],
+        )
         run.end = cut
         self._heads[run.hashes[cut]] = tail
         if not run.ref_count:
             self._evictable.insert_after(run, tail)
         return tail
 
-    def _store(self, hashes: Chain, start: int, end: int, depth: int) -> None:
-        """New blocks ``hashes[start:end]``, pinned once, as one run at `depth`."""
-        self._heads[hashes[start]] = BlockRun(hashes, start, end, depth, 1)
+    def _store(
+        self, hashes: Chain, start: int, end: int, depth: int, parent: BlockHash | None
+    ) -> BlocksStored:
+        """New blocks ``hashes[start:end]``, pinned once, as one run at `depth` after
+        `parent`; returns their stored event."""
+        self._heads[hashes[start]] = BlockRun(hashes, start, end, depth, 1, parent=parent)
         self._num_cached += end - start
+        return BlocksStored(hashes[start:end], parent)
 
     def _take_slots(self, count: int, free: int, evicted: list[BlockHash]) -> int:
         """Take `count` slots, free ones first, evicting for the rest (their hashes appended
@@ -556,10 +600,17 @@ class BlockCache:
         singles: list[BlockRun] = []
         for run in group:
             for i in range(run.end - run.start):
+                position = run.start + i
                 single = BlockRun(
-                    run.hashes, run.start + i, run.start + i + 1, run.depth + i, 0, run.last_used
+                    run.hashes,
+                    position,
+                    position + 1,
+                    run.depth + i,
+                    0,
+                    run.last_used,
+                    parent=run.hashes[position - 1] if i else run.parent,
                 )
-                self._heads[run.hashes[run.start + i]] = single
+                self._heads[run.hashes[position]] = single
                 singles.append(single)
             run.end = run.start
         return singles
