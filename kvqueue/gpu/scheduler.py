@@ -330,6 +330,8 @@ class BatchScheduler:
         batch = len(running)
         if batch < 1:
             return None
+        if not running[-1].is_decoding:  # the latest admitted is often still in prefill
+            return None
         bs = self.block_size
         steps_to_finish = None
         context = 0
@@ -426,6 +428,10 @@ class BatchScheduler:
         new_slots = _ceil_div(after, self.block_size) - table.num_slots
         if new_slots > 0:
             cache.allocate_slots(table, new_slots)
+        if is_decode:
+            # Its prompt blocks are all committed and it queues no prefill, before or after.
+            request.num_computed = after
+            return ScheduledChunk(request, num_tokens, before, True)
         hashes = request.request.block_hashes
         num_full = min(len(hashes), after // self.block_size)
         if num_full > len(table.block_hashes):
