@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvqueue.config import Settings
 from kvqueue.errors import KVQueueError
 from kvqueue.live.connection import connect
-from kvqueue.report.dashboard import format_table, results_path, write_run
+from kvqueue.report.dashboard import format_engine_table, format_table, results_path, write_run
 from kvqueue.report.stored_runs import dashboard_from_runs
 from kvqueue.workloads.options import add_workload_arguments, build_requests
 
@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     path = write_run(args.out, loaded.dashboard, loaded.results_by_strategy)
     out = sys.stderr if args.json else sys.stdout
     print(format_table(loaded.dashboard), file=out)
+    engine_table = format_engine_table(loaded.dashboard)
+    if engine_table:
+        print(f"\n{engine_table}", file=out)
     print(f"\nwrote {path}", file=out)
     written = [results_path(args.out, name) for name in loaded.results_by_strategy]
     if args.plots:

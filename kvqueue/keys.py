@@ -24,6 +24,9 @@
 | kvq:load:since                 | hash   | wall ms at which the worker's current request began |
 | kvq:usage                      | hash   | cache blocks in use per worker (last report)        |
 | kvq:capacity                   | hash   | cache capacity in blocks per worker                 |
+| kvq:signals                    | hash   | worker -> JSON of its engine's load signals (a      |
+|                                |        | batched worker's running, waiting, KV usage, queued |
+|                                |        | prefill tokens; `gpu.load_signals.LoadSignals`)     |
 | kvq:stats:output               | hash   | `output_tokens`, `completed`: for the mean output;  |
 |                                |        | `routed`, `declared`: requests giving max_tokens    |
 | kvq:rr                         | string | round-robin counter shared by every producer        |
@@ -31,6 +34,8 @@
 | kvq:results:<run id>           | stream | request results of one run (one per request)        |
 | kvq:run:<run id>               | hash   | a run's metadata (strategy, workload, counts)       |
 | kvq:run:<run id>:reported      | set    | request ids that have their result: the first wins  |
+| kvq:run:<run id>:engine        | list   | what the workers' engines did in the run: JSON      |
+|                                |        | parts of each worker's `EngineStats`, in order      |
 | worker-<i> (RQ)                | list   | the RQ queue of worker i (`rq:queue:worker-<i>`)    |
 """
 
@@ -107,6 +112,10 @@ def capacity(prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}capacity"
 
 
+def engine_signals(prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}signals"
+
+
 def output_stats(prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}stats:output"
 
@@ -129,6 +138,10 @@ def run(run_id: str, prefix: str = DEFAULT_PREFIX) -> str:
 
 def run_reported(run_id: str, prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}run:{run_id}:reported"
+
+
+def run_engine(run_id: str, prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}run:{run_id}:engine"
 
 
 def stored_field(worker: str) -> str:

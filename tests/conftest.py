@@ -135,12 +135,17 @@ def real_redis_base_url() -> Iterator[str]:
 
 @pytest.fixture(params=["sequential"])
 def worker_env(request: pytest.FixtureRequest) -> dict[str, str]:
-    """Environment of the KV workers a fault-injection test starts: one parameter per engine.
+    """Environment of the KV workers a fault-injection test starts, by engine name.
 
-    Every live fault test takes its workers' environment from here, so an engine the live
-    worker learns to run is tested against every fault by adding it to the parameters.
+    Every live fault test takes its workers' environment from here. By default they run the
+    sequential engine; the essential ones run against every engine the live worker runs
+    (`live_support.EVERY_ENGINE`: ``@pytest.mark.parametrize("worker_env", ENGINES,
+    indirect=True)``).
     """
-    engines = {"sequential": {"KVQ_ENGINE": "sequential"}}
+    engines = {
+        "sequential": {"KVQ_ENGINE": "sequential"},
+        "batched": {"KVQ_ENGINE": "batched"},
+    }
     return dict(engines[request.param])
 
 

@@ -208,6 +208,8 @@ def wait_for_stream_length(
 
 
 # -- fault injection -------------------------------------------------------------------------------
+# A fault test marked with this runs once per engine of the live worker (conftest's `worker_env`).
+EVERY_ENGINE = pytest.mark.parametrize("worker_env", ["sequential", "batched"], indirect=True)
 FAULT_PREFIX = "kvqlab:"
 FAULT_TIME_SCALE = 0.05  # 20× faster than real time
 FAULT_HEARTBEAT_TTL_S = 2.0  # deaths are seen within 2 s (+ the reaper's 0.5 s)

@@ -29,6 +29,7 @@ SMOKE_TESTED = {
     "bench_router.py",
     "bench_pipeline.py",
     "bench_faults.py",
+    "bench_live_batched.py",
 }
 
 
@@ -113,6 +114,17 @@ def test_bench_faults_quick_prints_its_tables() -> None:
     assert_table(stdout, "scenario", "sent", "done", "rej", "fail", "rerouted")
     assert_table(stdout, "key", "family", "bytes/request", "expires")
     assert "SIGKILL 1 of 3 workers" in stdout
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_bench_live_batched_quick_prints_its_table(real_redis_base_url: str) -> None:
+    url = real_redis_url(real_redis_base_url, BENCH_DB)
+
+    stdout = run_quick("bench_live_batched.py", "--redis-url", url)
+
+    assert_table(stdout, "scale", "W", "done", "steps", "wall", "s", "sleep", "%")
+    assert "batched workers" in stdout
 
 
 def test_every_bench_script_has_a_smoke_test() -> None:

@@ -4,7 +4,10 @@ mean batch size; and the dashboard carrying them for simulated runs of either en
 from __future__ import annotations
 
 import numpy as np
+import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kvqueue.gpu.engine_stats import EngineStats
 from kvqueue.gpu.engines import EngineConfig
@@ -100,3 +103,55 @@ def test_a_live_runs_engine_statistics_rebuilt_from_results_are_what_the_simulat
     for key in ("num_steps", "mean_batch_size", "busy_fraction", "preemptions"):
         assert rebuilt[key] == pytest.approx(recorded[key]), key
     assert rebuilt["itl_ms"]["p50"] is None  # per-step gaps are not in the results
+
+
+RECORDINGS = st.lists(
+    st.one_of(
+        st.tuples(st.just("steps"), st.integers(1, 3), st.integers(1, 8), st.floats(0, 50)),
+        st.tuples(st.just("gap"), st.floats(0, 50), st.integers(0, 4)),
+        st.tuples(
+            st.just("series"),
+            st.floats(0, 50),
+            st.floats(0, 1),
+            st.integers(0, 5),
+            st.integers(0, 4),
+        ),
+        st.tuples(st.just("kv"), st.integers(0, 3), st.sampled_from([0.0, 0.25, 0.5])),
+        st.tuples(st.just("preempt"), st.integers(0, 2)),
+    ),
+    max_size=40,
+)
+
+
+def record(stats: EngineStats, recording: tuple, clock: list[float]) -> None:
+    kind, *args = recording
+    if kind == "steps":
+        stats.record_steps(*args)
+    elif kind == "gap":
+        stats.record_gap(*args)
+    elif kind == "series":
+        stats.record_gap_series(*args)
+    elif kind == "kv":
+        clock[0] += args[0]  # times never decrease
+        stats.record_kv_usage(clock[0], args[1])
+    else:
+        stats.num_preemptions += args[0]
+
+
+@given(recordings=RECORDINGS, cuts=st.sets(st.integers(0, 40)))
+def test_a_live_workers_reports_merged_equal_the_stats_recorded_in_one_piece(recordings, cuts):
+    whole, clock = EngineStats(), [0.0]
+    for recording in recordings:
+        record(whole, recording, clock)
+    parts, part, clock = [], EngineStats(), [0.0]
+    for i, recording in enumerate(recordings):
+        if i in cuts:  # reported: the worker starts a fresh part
+            parts.append(orjson.loads(orjson.dumps(part.to_wire())))
+            part = EngineStats()
+        record(part, recording, clock)
+    parts.append(orjson.loads(orjson.dumps(part.to_wire())))
+
+    merged = EngineStats.merge(parts)
+    assert merged.busy_ms == pytest.approx(whole.busy_ms)  # summed in another order
+    merged.busy_ms = whole.busy_ms
+    assert merged == whole

@@ -269,17 +269,26 @@ def test_a_job_run_outside_a_kv_worker_fails_at_once_naming_the_kv_worker_class(
     }
 
 
-# -- an engine the live worker does not run ------------------------------------------------------
+# -- a worker misconfigured -----------------------------------------------------------------------
 @pytest.mark.redis
-def test_a_kv_worker_asked_for_the_batched_engine_refuses_to_start_and_registers_nothing(
-    faults: Faults,
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"KVQ_ENGINE": "vllm"}, "unknown engine 'vllm'; valid: sequential, batched"),
+        (
+            {"KVQ_ENGINE": "batched", "KVQ_MAX_NUM_SEQS": "4096"},
+            "max_num_seqs (4,096) exceeds max_num_batched_tokens (2,048)",
+        ),
+    ],
+    ids=["unknown-engine", "batched-limits"],
+)
+def test_a_kv_worker_with_a_bad_engine_setting_refuses_to_start_and_registers_nothing(
+    faults: Faults, env: dict[str, str], message: str
 ) -> None:
     command = [sys.executable, "-c", "import sys; from rq.cli import main; sys.exit(main())"]
     command += ["worker", "--burst", "--url", faults.url, "-w", "workers.KVWorker", "worker-0"]
-    env = faults.env(PYTHONPATH=str(REPO_ROOT), KVQ_ENGINE="batched")
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    completed = subprocess.run(command, env=faults.env(PYTHONPATH=str(REPO_ROOT), **env),
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
     assert completed.returncode != 0
-    assert "KVQ_ENGINE='batched': the live KV worker runs the sequential engine only" in (
-        completed.stderr + completed.stdout
-    )
+    assert message in completed.stderr + completed.stdout
     assert faults.client.keys("*") == []  # neither RQ nor kvqueue saw a worker

@@ -30,12 +30,14 @@ PREFIXED_KEYS = [
     (keys.load_since, (), "kvq:load:since"),
     (keys.usage, (), "kvq:usage"),
     (keys.capacity, (), "kvq:capacity"),
+    (keys.engine_signals, (), "kvq:signals"),
     (keys.output_stats, (), "kvq:stats:output"),
     (keys.round_robin, (), "kvq:rr"),
     (keys.events, (), "kvq:events"),
     (keys.results, ("20261126-120000-abcdef",), "kvq:results:20261126-120000-abcdef"),
     (keys.run, ("20261126-120000-abcdef",), "kvq:run:20261126-120000-abcdef"),
     (keys.run_reported, ("20261126-120000-abcdef",), "kvq:run:20261126-120000-abcdef:reported"),
+    (keys.run_engine, ("20261126-120000-abcdef",), "kvq:run:20261126-120000-abcdef:engine"),
 ]
 
 # Names that are not keys of their own: hash fields and RQ queue names.

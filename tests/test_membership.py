@@ -17,6 +17,7 @@ import redis
 from live_support import INDEX_DB, connect_or_fail, delete_matching, real_redis_url, unique_prefix
 
 from kvqueue import keys
+from kvqueue.gpu.load_signals import LoadSignals
 from kvqueue.routing.membership import (
     HeartbeatStatus,
     JobRecord,
@@ -26,6 +27,7 @@ from kvqueue.routing.membership import (
 from kvqueue.routing.redis_index import RedisIndex
 from kvqueue.routing.router import Decision
 from kvqueue.routing.state import RedisRouterState
+from kvqueue.routing.view import WorkerLoad
 
 
 @dataclass
@@ -183,3 +185,30 @@ def test_a_stopping_worker_hands_itself_over_only_as_the_current_generation(
     assert membership.reap("worker-0", 15, generation=old) is None
     assert membership.reap("worker-0", 15, generation=new) is not None
     assert membership.live_workers(15) == []
+
+
+def test_the_router_reads_each_workers_published_engine_signals_until_it_leaves(
+    cluster: Cluster, make_request
+) -> None:
+    membership, state = cluster.membership, cluster.state
+    membership.register("worker-0", 924)
+    membership.register("worker-1", 924)
+    state.publish_signals("worker-0", LoadSignals(3, 2, 0.25, 640))
+    request = make_request(32)
+
+    loads = state.view(request, take_ticket=False).loads
+    zero = (0, 0, 0.0, 0)
+    assert engine_fields(loads["worker-0"]) == (3, 2, 0.25, 640)
+    assert engine_fields(loads["worker-1"]) == zero  # publishes none: the defaults
+
+    membership.register("worker-0", 924)  # a new process: the old one's signals are gone
+    assert engine_fields(state.view(request, take_ticket=False).load("worker-0")) == zero
+    state.publish_signals("worker-1", LoadSignals(1, 0, 0.5, 0))
+    cluster.age("worker-1", 60)
+    membership.reap("worker-1", heartbeat_ttl_s=15)
+    assert cluster.client.hget(keys.engine_signals(cluster.prefix), "worker-1") is None
+
+
+def engine_fields(load: WorkerLoad) -> tuple[int, int, float, int]:
+    return (load.num_running, load.num_waiting, load.engine_kv_usage,
+            load.num_queued_prefill_tokens)  # fmt: skip

@@ -274,3 +274,24 @@ def test_a_request_preempted_after_its_prompt_resumes_as_a_decode_of_its_last_to
     assert step.shape == StepShape(decode_batch=1, decode_context=80)
     assert scheduler.num_queued_prefill_tokens == 0
     assert ids(scheduler.complete(step).finished) == ["c"]
+
+
+def test_an_aborted_request_leaves_the_batch_its_blocks_released_and_cached(make_request):
+    gpu = gpu_with(20, tokens=64, seqs=1)
+    scheduler = gpu.scheduler
+    running = gpu.submit(make_request(48, request_id="a", max_tokens=5))
+    waiting = gpu.submit(make_request(64, request_id="b", max_tokens=5))
+    scheduler.complete(scheduler.schedule())  # a's prompt; b waits for a sequence slot
+    assert (ids(scheduler.running), ids(scheduler.waiting)) == (["a"], ["b"])
+    assert scheduler.num_queued_prefill_tokens == 64
+
+    scheduler.abort(waiting)
+    assert (ids(scheduler.waiting), scheduler.num_queued_prefill_tokens) == ([], 0)
+    scheduler.abort(running)
+    scheduler.abort(running)  # a second abort changes nothing
+    assert (scheduler.running, running.finished, scheduler.has_work) == ([], True, False)
+    # a's 3 prompt blocks stay cached, evictable; its partial block is free again.
+    assert (gpu.cache.num_active_blocks, gpu.cache.num_evictable_blocks) == (0, 3)
+    again = gpu.submit(make_request(running.request.token_ids, request_id="a2", max_tokens=1))
+    scheduler.schedule()
+    assert again.num_hit_blocks == 2  # the last token is always computed: 47 // 16 = 2

@@ -21,7 +21,7 @@ import orjson
 import pytest
 import redis
 import yaml
-from live_support import REPO_ROOT, Lab, connect_or_fail, wait_until
+from live_support import EVERY_ENGINE, REPO_ROOT, Lab, connect_or_fail, wait_until
 from rq import Callback, Queue
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
@@ -62,6 +62,7 @@ def push_raw_job(client: redis.Redis, job_id: str, func_name: str, args: list) -
     client.rpush("rq:queue:worker-0", job_id)
 
 
+@EVERY_ENGINE
 def test_a_kv_worker_refuses_any_job_but_kvqueues_without_importing_or_calling_it(
     lab: Lab, tmp_path: Path
 ) -> None:
@@ -130,6 +131,7 @@ def user_url(server: EmbeddedRedis, user: str) -> str:
     return f"redis://{user}:pw@127.0.0.1:{server.port}/0"
 
 
+@EVERY_ENGINE
 def test_the_documented_acl_users_run_the_pipeline(
     acl_redis: tuple[EmbeddedRedis, redis.Redis], tmp_path: Path, worker_env: dict[str, str]
 ) -> None:
@@ -137,7 +139,9 @@ def test_the_documented_acl_users_run_the_pipeline(
     assert set(documented_acl_rules()) == {"kvq-worker", "kvq-producer", "kvq-reader"}
     # The documented rules name kvqueue's default key prefix, kvq:.
     lab = Lab(user_url(server, "kvq-producer"), admin, tmp_path / "logs", worker_env, prefix="kvq:")
-    cluster = LocalCluster(user_url(server, "kvq-worker"), 2, env=worker_env, prefix=lab.prefix,
+    # The workers heartbeat within the TTL the producer reads (the lab's).
+    env = {**worker_env, "KVQ_HEARTBEAT_TTL": str(lab.heartbeat_ttl_s)}
+    cluster = LocalCluster(user_url(server, "kvq-worker"), 2, env=env, prefix=lab.prefix,
                            log_dir=lab.log_dir)  # fmt: skip
     with cluster:
         done = lab.send_py("--workload", "shared-prefix-tiny", "--run-id", "acl", "--wait",

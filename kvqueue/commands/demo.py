@@ -40,13 +40,12 @@ import orjson
 from kvqueue.commands.engine_flags import add_engine_arguments, engine_overrides
 from kvqueue.commands.strategy_flags import add_strategies_argument, parse_strategies
 from kvqueue.config import Settings
-from kvqueue.errors import ConfigError, KVQueueError
+from kvqueue.errors import KVQueueError
 from kvqueue.live.comparison import comparison_meta, comparison_redis, run_comparison
 from kvqueue.live.connection import connect, redact
 from kvqueue.live.signals import graceful_signals
-from kvqueue.live.worker import LIVE_ENGINES
 from kvqueue.report.comparison import write_comparison
-from kvqueue.report.dashboard import format_table
+from kvqueue.report.dashboard import format_engine_table, format_table
 from kvqueue.sim.simulation import DEFAULT_STRATEGIES
 from kvqueue.workloads.fit_advice import unfit_warning
 from kvqueue.workloads.options import add_workload_arguments, build_requests
@@ -155,11 +154,6 @@ def run_comparison_command(args: argparse.Namespace, prog: str) -> int:
             time_scale=args.time_scale,
             **engine_overrides(args),
         )
-        if settings.engine not in LIVE_ENGINES:
-            raise ConfigError(
-                f"--engine {settings.engine}: live KV workers run the sequential engine only; "
-                "simulate the batched engine with `kvqueue simulate --engine batched`"
-            )
         requests, workload_meta = build_requests(args, settings.hash_seed, settings.tokenizer)
     except (KVQueueError, ValueError) as exc:
         print_err(f"{prog}: {exc}")
@@ -223,6 +217,9 @@ def run_comparison_command(args: argparse.Namespace, prog: str) -> int:
         file=out,
     )
     print(format_table(output.dashboard), file=out)
+    engine_table = format_engine_table(output.dashboard)
+    if engine_table:
+        print(f"\n{engine_table}", file=out)
     print(f"\nwrote {output.dashboard_path}", file=out)
     report = [output.report_path] if output.report_path else []
     for path in [*output.results_paths, *report, *output.plot_paths]:

@@ -16,6 +16,7 @@ from kvqueue.errors import RequestRejected
 from kvqueue.gpu.admission import check_context, output_length
 from kvqueue.gpu.cache import BlockCache
 from kvqueue.gpu.events import CacheEvent
+from kvqueue.gpu.latency import tpot_ms
 from kvqueue.gpu.oracle import DecodeLengthOracle, FallbackOracle
 from kvqueue.gpu.presets import Preset, get_preset
 from kvqueue.gpu.request import Request
@@ -58,3 +59,36 @@ class BatchedGpu:
 
     def take_events(self) -> list[CacheEvent]:
         return self.cache.take_events()
+
+
+def completed_fields(
+    request: EngineRequest,
+    arrival_ms: float,
+    admitted_ms: float,
+    first_token_ms: float,
+    finish_ms: float,
+) -> dict[str, Any]:
+    """A finished request's result fields (`RequestResult`) by the batched engine's timing
+    rules, from its driver's times (ms, any one clock): queue wait = first admission −
+    arrival; TTFT = its first token (the end of the step computing its last prompt token) −
+    arrival; e2e = finish − arrival; prefill = TTFT − queue wait; decode = e2e − TTFT;
+    TPOT = `tpot_ms` (vLLM's: (e2e − TTFT) / (outputs − 1))."""
+    queue_wait = admitted_ms - arrival_ms
+    ttft = first_token_ms - arrival_ms
+    e2e = finish_ms - arrival_ms
+    outputs = request.num_output
+    return {
+        "start_ms": admitted_ms,
+        "finish_ms": finish_ms,
+        "queue_wait_ms": queue_wait,
+        "prefill_ms": ttft - queue_wait,
+        "decode_ms": e2e - ttft,
+        "ttft_ms": ttft,
+        "e2e_ms": e2e,
+        "hit_blocks": request.num_hit_blocks or 0,
+        "decode_tokens": outputs,
+        "decode_source": request.decode_source,
+        "evictions": request.table.num_evicted,
+        "tpot_ms": tpot_ms(ttft, e2e, outputs),
+        "preemptions": request.num_preemptions,
+    }

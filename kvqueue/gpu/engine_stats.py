@@ -11,11 +11,16 @@ feed wall-clock ones. `kvqueue.report.engine_metrics` turns them into the dashbo
   batch gets one token per step, the steps lengthening as their context grows);
 - `kv_usage`: ``(time, usage)`` samples, usage being the fraction of KV blocks pinned by
   running requests (evictable cached blocks count as free) just after the state changed.
+
+A live worker records a run's stats in parts (`to_wire` of what it recorded since its last
+report); `merge` puts the parts back together, in order, into the stats of the whole run.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -53,3 +58,39 @@ class EngineStats:
             samples[-1] = (time_ms, usage)
             return
         samples.append((time_ms, usage))
+
+    def to_wire(self) -> dict[str, Any]:
+        """A JSON-ready record of these stats (`merge` reads it back)."""
+        return {
+            "steps": self.num_steps,
+            "scheduled": self.num_scheduled,
+            "busy_ms": self.busy_ms,
+            "preemptions": self.num_preemptions,
+            "gaps": [self.gap_values, self.gap_weights],
+            "series": [list(s) for s in self.gap_series],
+            "kv": [list(s) for s in self.kv_usage],
+        }
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.num_steps or self.num_preemptions or self.gap_values or self.kv_usage)
+
+    @classmethod
+    def merge(cls, parts: Iterable[Mapping[str, Any]]) -> EngineStats:
+        """The stats of consecutive `to_wire` parts, as if recorded in one piece."""
+        stats = cls()
+        for part in parts:
+            stats.num_steps += int(part["steps"])
+            stats.num_scheduled += int(part["scheduled"])
+            stats.busy_ms += float(part["busy_ms"])
+            stats.num_preemptions += int(part["preemptions"])
+            values, weights = part["gaps"]
+            for value, weight in zip(values, weights, strict=True):
+                stats.record_gap(float(value), int(weight))
+            for first, growth, count, weight in part["series"]:
+                stats.record_gap_series(float(first), float(growth), int(count), int(weight))
+            samples = [(float(t), float(u)) for t, u in part["kv"]]
+            if samples:  # the part's first sample follows the previous part's last
+                stats.record_kv_usage(*samples[0])
+                stats.kv_usage.extend(samples[1:])
+        return stats

@@ -11,11 +11,15 @@ The fields follow vLLM's scheduler metrics (vLLM 0.11.0, `vllm/v1/metrics/logger
 - `num_queued_prefill_tokens`: prompt tokens (and, for a preempted request, its outputs to
   recompute) not yet computed, over waiting and running requests; prefix hits of waiting
   requests are not subtracted (they are only known at admission).
+
+A live worker publishes them as one JSON object (`to_json`), keyed by these field names.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+
+import orjson
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,3 +28,13 @@ class LoadSignals:
     num_waiting: int = 0
     kv_usage: float = 0.0
     num_queued_prefill_tokens: int = 0
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> LoadSignals:
+        """Signals as `to_json` wrote them; fields this version does not know are ignored."""
+        data = orjson.loads(raw)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

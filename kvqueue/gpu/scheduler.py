@@ -315,6 +315,20 @@ class BatchScheduler:
         self._finish(finished)
         return StepOutcome(tuple(sampled), tuple(first), tuple(finished))
 
+    def abort(self, request: EngineRequest) -> None:
+        """The request leaves the engine unfinished (its client is gone): a running one's
+        blocks are released — hashed ones stay cached — and a waiting one is dropped. vLLM's
+        `Scheduler.finish_requests(..., FINISHED_ABORTED)`; call it between steps."""
+        assert self._run is None, "a decode run is in progress"
+        if request.finished:
+            return
+        self._queued_prefill_tokens -= _queued_prefill(request)
+        if request in self.running:
+            self._finish([request])
+        else:
+            self.waiting.remove(request)
+            request.finished = True
+
     # -- decode runs -----------------------------------------------------------------------
     def plan_decode_run(self) -> DecodeRun | None:
         """The decode-only steps ahead, if at least two are certain (module docstring).

@@ -37,6 +37,7 @@ from typing import Any
 import redis
 
 from kvqueue.config import Settings
+from kvqueue.gpu.engine_stats import EngineStats
 from kvqueue.gpu.request import Request
 from kvqueue.gpu.results import RequestResult
 from kvqueue.keys import worker_name
@@ -80,6 +81,7 @@ class StrategyRun:
     run_id: str
     results: list[RequestResult]
     wall_s: float
+    engine_stats: dict[str, EngineStats] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -93,6 +95,10 @@ class Comparison:
     def results_by_strategy(self) -> dict[str, list[RequestResult]]:
         return {run.strategy: run.results for run in self.runs}
 
+    @property
+    def engine_stats_by_strategy(self) -> dict[str, dict[str, EngineStats]]:
+        return {run.strategy: run.engine_stats for run in self.runs}
+
 
 def worker_env(settings: Settings) -> dict[str, str]:
     """Environment that gives the workers the producer's GPU preset, engine and overrides."""
@@ -105,6 +111,10 @@ def worker_env(settings: Settings) -> dict[str, str]:
         env["KVQ_NUM_BLOCKS"] = str(settings.num_blocks)
     if settings.max_context_tokens is not None:
         env["KVQ_MAX_CONTEXT"] = str(settings.max_context_tokens)
+    if settings.max_num_batched_tokens is not None:
+        env["KVQ_MAX_NUM_BATCHED_TOKENS"] = str(settings.max_num_batched_tokens)
+    if settings.max_num_seqs is not None:
+        env["KVQ_MAX_NUM_SEQS"] = str(settings.max_num_seqs)
     return env
 
 
@@ -169,7 +179,7 @@ def run_comparison(
                     drop_queued_jobs(client, run_id, cluster.workers)
                     clear_routing_state(client, prefix)
         wall = time.perf_counter() - started
-        comparison.runs.append(StrategyRun(strategy, run_id, live.results, wall))
+        comparison.runs.append(StrategyRun(strategy, run_id, live.results, wall, live.engine_stats))
         done = sum(r.status.value == "completed" for r in live.results)
         status(f"{label}: {done:,}/{len(requests):,} completed in {wall:.1f} s")
     return comparison

@@ -18,6 +18,7 @@ from rq.utils import import_attribute
 
 from kvqueue.errors import KVQueueError
 from kvqueue.gpu.request import Request
+from kvqueue.gpu.results import RequestResult, RequestStatus
 from kvqueue.routing.membership import JobRecord
 
 JOB_FUNCTION = "kvqueue.live.worker.serve_request"
@@ -124,6 +125,13 @@ class JobContext:
             time_scale=float(data["time_scale"]),
             estimated_ms=float(data.get("estimated_ms", 0.0)),
             attempt=int(data.get("attempt", 0)),
+        )
+
+    def failure(self, worker: str, reason: str) -> RequestResult:
+        """The request's result when it fails on `worker` for `reason`."""
+        request = self.request
+        return RequestResult(
+            request.request_id, self.run_id, worker, self.strategy, RequestStatus.FAILED, reason
         )
 
     def record(self) -> JobRecord:

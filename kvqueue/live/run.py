@@ -10,9 +10,11 @@ import redis
 
 from kvqueue import keys
 from kvqueue.config import Settings
+from kvqueue.gpu.engine_stats import EngineStats
 from kvqueue.gpu.presets import get_preset
 from kvqueue.gpu.request import Request
 from kvqueue.gpu.results import RequestResult, RequestStatus
+from kvqueue.live.engine_log import read_engine_stats
 from kvqueue.live.producer import Producer, SentRun
 from kvqueue.live.recovery import RecoveryStats
 from kvqueue.live.runs import read_results
@@ -24,12 +26,14 @@ from kvqueue.workloads.traces import fits_report
 
 @dataclass(frozen=True, slots=True)
 class LiveRun:
-    """A run as sent, and (when waited for) its results: one per request of the run."""
+    """A run as sent, and (when waited for) its results: one per request of the run, and
+    what the workers' engines recorded of it (batched workers; {} otherwise)."""
 
     sent: SentRun
     workers: list[str]
     results: list[RequestResult]
     recovery: RecoveryStats = field(default_factory=RecoveryStats)
+    engine_stats: dict[str, EngineStats] = field(default_factory=dict)
 
 
 def run_live(
@@ -71,7 +75,13 @@ def run_live(
             strategy=sent.strategy,
         )
     results, _ = read_results(client, sent.run_id, settings.key_prefix)
-    return LiveRun(sent, workers, _one_each(results, requests, sent), producer.recovery.stats)
+    return LiveRun(
+        sent,
+        workers,
+        _one_each(results, requests, sent),
+        producer.recovery.stats,
+        read_engine_stats(client, sent.run_id, settings.key_prefix),
+    )
 
 
 def _one_each(

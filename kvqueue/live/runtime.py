@@ -14,6 +14,9 @@ Invariants:
   idempotent, so a retry after a lost reply is harmless.
 
 Jobs are keyed by id throughout (`begin`, `finish`): nothing here assumes one job at a time.
+The GPU is the configured engine's (`KVQ_ENGINE`): the sequential one serves a job per call of
+`serve`; the batched one is driven step by step by `kvqueue.live.batched_serving`, which uses
+the same Redis side (`finish`, `register`, the ledger and the result writer).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import redis
 
 from kvqueue import keys
 from kvqueue.config import Settings
-from kvqueue.errors import ConfigError, KVQueueError, RequestRejected
+from kvqueue.errors import KVQueueError, RequestRejected
+from kvqueue.gpu.batched_gpu import BatchedGpu
 from kvqueue.gpu.oracle import make_oracle
 from kvqueue.gpu.results import RequestResult, RequestStatus
 from kvqueue.gpu.simulated_gpu import Execution, SimulatedGpu
@@ -45,18 +49,6 @@ from kvqueue.routing.state import RedisRouterState
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-LIVE_ENGINES = ("sequential",)
-
-
-def check_live_engine(settings: Settings) -> None:
-    """Raise `ConfigError` unless the live worker can run the configured engine."""
-    if settings.engine not in LIVE_ENGINES:
-        raise ConfigError(
-            f"KVQ_ENGINE={settings.engine!r}: the live KV worker runs the sequential engine "
-            "only; the batched engine runs in `kvqueue simulate` and `kvqueue evaluate`"
-        )
 
 
 class Superseded(KVQueueError, RuntimeError):
@@ -92,13 +84,19 @@ class GpuRuntime:
         self.settings = settings
         self.prefix = settings.key_prefix
         self.pid = os.getpid()
-        check_live_engine(settings)
-        self.gpu = SimulatedGpu(
-            settings.gpu_preset(),
-            settings.latency_model(),
-            make_oracle(settings.decode_model),
-            settings.sequential_pricing(),
-        )
+        engine = settings.engine_config()
+        preset = settings.gpu_preset()
+        oracle = make_oracle(settings.decode_model)
+        self.engine = engine.engine
+        self.gpu: SimulatedGpu | BatchedGpu
+        if engine.is_batched:
+            self.gpu = BatchedGpu(preset, oracle, engine.scheduler_config(preset))
+            self.step_cost = engine.step_cost(preset, settings.latency_model())
+        else:
+            self.gpu = SimulatedGpu(
+                preset, settings.latency_model(), oracle, settings.sequential_pricing()
+            )
+        self.serving_info: dict[str, Any] = {}  # the batched loop's own figures, for `info`
         self.index = RedisIndex(client, self.prefix, settings.events_maxlen)
         self.state = RedisRouterState(client, self.prefix)
         self.membership = RedisMembership(client, self.prefix)
@@ -304,20 +302,25 @@ class GpuRuntime:
 
     def fail(self, job_id: str, context: JobContext, reason: str) -> RequestResult:
         """End a job whose serving raised: a failed result with the reason."""
-        result = RequestResult(
-            request_id=context.request.request_id,
-            run_id=context.run_id,
-            worker=self.name,
-            strategy=context.strategy,
-            status=RequestStatus.FAILED,
-            reason=reason,
-        )
+        result = context.failure(self.name, reason)
         self.finish(job_id, result)
         return result
 
     def cached_hashes(self) -> list[str]:
         with self._lock:
             return sorted(h.hex() for h in self.gpu.cache.cached_hashes())
+
+    def snapshot_reply(self) -> dict[str, Any]:
+        """What `cache_snapshot` answers: this GPU's cached blocks, read from process memory."""
+        cache = self.gpu.cache
+        return {
+            "worker": self.name,
+            "pid": self.pid,
+            "generation": self.generation,
+            "capacity_blocks": cache.num_blocks,
+            "num_evictions": cache.stats.num_evictions,
+            "cached": self.cached_hashes(),
+        }
 
     # -- Redis helpers -------------------------------------------------------------------
     def _start_job(self, job_id: str, context: JobContext) -> tuple[bool, StartStatus]:
@@ -344,13 +347,15 @@ class GpuRuntime:
                 "evictions": cache.stats.num_evictions,
                 "pid": self.pid,
                 "generation": self.generation,
+                "engine": self.engine,
+                **self.serving_info,
             },
         )
 
     def _base(self, context: JobContext, started: float) -> dict[str, Any]:
         scale = context.time_scale
-        arrival_ms = _scaled_ms(context.enqueued_at - context.run_started_at, scale)
-        queue_wait_ms = max(0.0, _scaled_ms(started - context.enqueued_at, scale))
+        arrival_ms = scaled_ms(context.enqueued_at - context.run_started_at, scale)
+        queue_wait_ms = max(0.0, scaled_ms(started - context.enqueued_at, scale))
         return {
             "request_id": context.request.request_id,
             "run_id": context.run_id,
@@ -375,7 +380,7 @@ def _completed(base: dict[str, Any], execution: Execution, used_blocks: int) -> 
     )
 
 
-def _scaled_ms(wall_seconds: float, scale: float) -> float:
+def scaled_ms(wall_seconds: float, scale: float) -> float:
     """Wall seconds to simulated milliseconds; at scale 0 (no emulation) time does not pass."""
     return wall_seconds * 1000.0 / scale if scale > 0 else 0.0
 

@@ -1,4 +1,5 @@
-"""Lua scripts of a run's data: claiming a run id, and appending a request's one result."""
+"""Lua scripts of the live pipeline: a run's data (claiming a run id, appending a request's one
+result) and a KV worker's RQ lists (taking queued jobs, giving back the untouched ones)."""
 
 from __future__ import annotations
 
@@ -28,4 +29,38 @@ if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'result', ARGV[2])
 for k = 1, 3 do redis.call('PEXPIRE', KEYS[k], ARGV[4]) end
 return 1
+"""
+
+TAKE_QUEUED = """
+-- A batched KV worker takes every job queued for it at a step boundary: each id moves to the
+-- queue's intermediate list, as RQ's dequeue moves one (LMOVE), and its job hash comes back in
+-- the same round trip. (Job keys are built here from the ids: RQ's own scripts do the same.)
+-- KEYS[1] = the RQ queue (rq:queue:<worker>), KEYS[2] = its intermediate list
+-- ARGV[1] = RQ's job key prefix ('rq:job:'), ARGV[2] = take at most this many,
+-- ARGV[3] = '1' to answer with every job of the intermediate list, not only those moved now
+-- (after a lost reply, what was moved then is only there)
+-- Returns {job id, {its hash, flat}, job id, {...}, ...}; a job whose hash is gone has {}.
+local taken = {}
+for i = 1, tonumber(ARGV[2]) do
+  local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
+  if not id then break end
+  taken[#taken + 1] = id
+end
+if ARGV[3] == '1' then taken = redis.call('LRANGE', KEYS[2], 0, -1) end
+local out = {}
+for _, id in ipairs(taken) do
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('HGETALL', ARGV[1] .. id)
+end
+return out
+"""
+
+REQUEUE_TAKEN = """
+-- A worker process starts: jobs an earlier process of its name took off the queue but never
+-- started (left on the intermediate list) go back to the head of the queue, in their order.
+-- KEYS[1] = the RQ queue, KEYS[2] = its intermediate list
+-- Returns how many moved.
+local moved = 0
+while redis.call('LMOVE', KEYS[2], KEYS[1], 'RIGHT', 'LEFT') do moved = moved + 1 end
+return moved
 """

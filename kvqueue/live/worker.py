@@ -12,6 +12,27 @@ job fails in RQ with the reason. Jobs use RQ's JSON serializer, never pickle.
 A Redis outage does not end the worker: its own writes are retried with backoff, RQ's
 bookkeeping around a job is retried once Redis answers, and RQ's idle loop already waits for
 Redis (with its backoff capped at `max_connection_wait_time`).
+
+**Two engines, one RQ worker** (`KVQ_ENGINE`). RQ's work loop stays in charge: it handles
+signals (warm and cold shutdown), suspension, maintenance and the blocking dequeue while the
+worker is idle, and hands the worker one job at a time (`execute_job`).
+
+- ``sequential``: RQ's `SimpleWorker` path, unchanged — `perform_job` runs `serve_request`,
+  which serves the one request to its end; RQ marks the job started, then finished or failed.
+- ``batched``: many jobs are in service at once, which `SimpleWorker` cannot express, so
+  `execute_job` hands the dequeued job to `kvqueue.live.batched_serving.BatchedServing`,
+  which keeps stepping the engine — taking newly queued jobs at every step boundary,
+  non-blocking, onto the queue's intermediate list as RQ's dequeue does — until the engine
+  is idle and the queue empty, then returns to RQ's loop. It does RQ's per-job bookkeeping
+  itself (`kvqueue.live.rq_jobs`): an `Execution` per admitted job (StartedJobRegistry,
+  status ``started``), the job finished with its return value or failed with the error when
+  its request ends, RQ's heartbeats for the worker and every execution while it serves; the
+  worker is ``busy`` meanwhile (so SIGTERM is a warm shutdown), and RQ's maintenance runs when
+  it is idle again. `serve_request` itself is never called in this mode: the worker reads
+  the job's payload. RQ's job timeout, retries, dependents and callbacks do not apply.
+
+A process starting under a name first puts back at the head of its queue any job an earlier
+process of that name took but never started (`REQUEUE_TAKEN`).
 """
 
 from __future__ import annotations
@@ -28,12 +49,14 @@ from rq.serializers import JSONSerializer
 
 from kvqueue.config import Settings
 from kvqueue.errors import AccessDeniedError
-from kvqueue.gpu.results import RequestResult, RequestStatus
+from kvqueue.live import scripts
+from kvqueue.live.batched_serving import BatchedServing
 from kvqueue.live.connection import check_access
 from kvqueue.live.jobs import JOB_FUNCTION, JobContext, KVJob, refusal
 from kvqueue.live.retry import REDIS_OUTAGE_ERRORS, RETRY_CAP_S, retry_through_outages
+from kvqueue.live.rq_jobs import ConcurrentJobs
 from kvqueue.live.runs import ResultWriter
-from kvqueue.live.runtime import LIVE_ENGINES, GpuRuntime, Superseded, check_live_engine
+from kvqueue.live.runtime import GpuRuntime, Superseded
 from kvqueue.routing.state import RedisRouterState
 
 log = logging.getLogger(__name__)
@@ -41,10 +64,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "FORKED_WORKER_MESSAGE",
     "JOB_FUNCTION",
-    "LIVE_ENGINES",
     "KVWorker",
     "cache_snapshot",
-    "check_live_engine",
     "serve_request",
 ]
 
@@ -83,16 +104,7 @@ def serve_request(payload: dict[str, Any]) -> dict[str, Any] | None:
     try:
         result = runtime.serve(job_id, context)
     except Superseded as exc:
-        runtime.results.append(
-            RequestResult(
-                context.request.request_id,
-                context.run_id,
-                runtime.name,
-                context.strategy,
-                RequestStatus.FAILED,
-                str(exc),
-            )
-        )
+        runtime.results.append(context.failure(runtime.name, str(exc)))
         raise
     except Exception as exc:
         runtime.fail(job_id, context, f"{type(exc).__name__}: {exc}")
@@ -108,27 +120,12 @@ def cache_snapshot() -> dict[str, Any]:
     runtime = _own_runtime()
     if runtime is None:
         raise RuntimeError("cache_snapshot must run inside a KV worker process")
-    cache = runtime.gpu.cache
-    return {
-        "worker": runtime.name,
-        "pid": runtime.pid,
-        "generation": runtime.generation,
-        "capacity_blocks": cache.num_blocks,
-        "num_evictions": cache.stats.num_evictions,
-        "cached": runtime.cached_hashes(),
-    }
+    return runtime.snapshot_reply()
 
 
 def _publish_orphan_failure(job: Job, context: JobContext, queue: str, reason: str) -> None:
     settings = Settings.from_env()
-    result = RequestResult(
-        request_id=context.request.request_id,
-        run_id=context.run_id,
-        worker=queue,
-        strategy=context.strategy,
-        status=RequestStatus.FAILED,
-        reason=reason,
-    )
+    result = context.failure(queue, reason)
     client = job.connection
     pipe = client.pipeline(transaction=True)
     ResultWriter(client, settings.key_prefix, settings.run_ttl_s).append(result, pipeline=pipe)
@@ -165,9 +162,9 @@ class KVWorker(SimpleWorker):
                 "start one `rq worker -w workers.KVWorker worker-<i>` per simulated GPU"
             )
         self.gpu_name = names[0]
-        self.settings = Settings.from_env()
-        check_live_engine(self.settings)  # before RQ registers anything
+        self.settings = Settings.from_env()  # a bad setting raises before RQ registers anything
         self.runtime: GpuRuntime | None = None
+        self.serving: BatchedServing | None = None
 
     def register_birth(self) -> None:
         settings = self.settings
@@ -181,8 +178,18 @@ class KVWorker(SimpleWorker):
         self.runtime = GpuRuntime(
             self.gpu_name, self.connection, settings, on_superseded=self._stop_superseded
         )
+        (queue,) = self.queues
+        requeue = self.connection.register_script(scripts.REQUEUE_TAKEN)
+        moved = self.runtime._retry(
+            lambda: requeue(keys=[queue.key, queue.intermediate_queue_key]), "requeue"
+        )
+        if moved:
+            log.warning("%s: %d jobs taken by an earlier process requeued", self.gpu_name, moved)
         self.runtime.start()
         _RUNTIME = self.runtime
+        if self.runtime.engine == "batched":
+            jobs = ConcurrentJobs(self, queue)
+            self.serving = BatchedServing(self, self.runtime, jobs, lambda: self._stop_requested)
 
     def register_death(self) -> None:
         if self.runtime is not None:
@@ -211,8 +218,12 @@ class KVWorker(SimpleWorker):
 
         A job whose serving never began is executed again once Redis answers; one that
         began has ended with its result published (the runtime retries that itself), so only
-        RQ's own bookkeeping of it may be missing.
+        RQ's own bookkeeping of it may be missing. A batched worker serves from here until
+        it is idle (module docstring), riding out outages itself.
         """
+        if self.serving is not None:
+            self.serving.serve(job)
+            return
         while True:
             began = self._served_jobs
             try:

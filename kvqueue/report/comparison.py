@@ -120,7 +120,9 @@ def write_comparison(
     info["run_ids"] = {run.strategy: run.run_id for run in comparison.runs}
     info["wall_s"] = {run.strategy: round(run.wall_s, 3) for run in comparison.runs}
     results = comparison.results_by_strategy
-    dashboard = build_dashboard(results, requests, comparison.workers, info)
+    dashboard = build_dashboard(
+        results, requests, comparison.workers, info, comparison.engine_stats_by_strategy
+    )
     dashboard_path = write_run(out_dir, dashboard, results)
     results_paths = [results_path(out_dir, name) for name in results]
     plot_paths: list[Path] = []

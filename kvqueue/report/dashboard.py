@@ -10,7 +10,8 @@ The same shape for simulated and live runs, so analysis scripts and plots read e
           "ideal_hit_rate": x,           #   the bound for *this* strategy's hit_rate
           "hit_rate_of_ideal": x,        #   hit_rate / ideal_hit_rate
           "load": {...},                 #   offered rate against capacity (below)
-          "engine": {...} | None,        #   kvqueue.report.engine_metrics
+          "engine": {...} | None,        #   kvqueue.report.engine_metrics (simulated runs
+                                         #   and live batched workers' engine logs)
           ...}}
     }
 

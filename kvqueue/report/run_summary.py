@@ -7,6 +7,7 @@ from typing import Any
 
 from kvqueue.gpu.results import RequestStatus
 from kvqueue.live.run import LiveRun
+from kvqueue.report.engine_metrics import summarize_engines
 from kvqueue.report.metrics import summarize
 from kvqueue.report.units import format_count, format_duration, format_share
 
@@ -14,13 +15,15 @@ NUM_REASONS = 3
 
 
 def run_summary(run: LiveRun) -> dict[str, Any]:
-    """Run id, strategy, `sent`, `summarize` of the run's results over its workers, and what
+    """Run id, strategy, `sent`, `summarize` of the run's results over its workers, what the
+    engines did (`summarize_engines`: batched workers record it; None otherwise) and what
     recovery did. ``sent == completed + rejected + failed`` (one result per request)."""
     failures = Counter(r.reason for r in run.results if r.status is RequestStatus.FAILED)
     return (
         {"run_id": run.sent.run_id, "strategy": run.sent.strategy, "sent": len(run.results)}
         | summarize(run.results, run.workers)
         | {
+            "engine": summarize_engines(run.engine_stats),
             "failure_reasons": dict(failures.most_common(NUM_REASONS)),
             "rerouted": run.recovery.rerouted,
             "dead_workers": list(run.recovery.dead_workers),
@@ -50,6 +53,15 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{w} {format_count(row['requests'])}" for w, row in summary["per_worker"].items()
         ),
     ]
+    engine = summary.get("engine")
+    if engine:
+        itl = engine["itl_ms"]
+        batch = engine["mean_batch_size"]
+        lines.append(
+            f"  engine   mean batch {'-' if batch is None else f'{batch:.2f}'}  steps "
+            f"{engine['num_steps']:,}  preemptions {engine['preemptions']}  ITL ms mean "
+            f"{ms(itl, 'mean')}  p99 {ms(itl, 'p99')}"
+        )
     if summary.get("dead_workers"):
         lines.append(
             f"  dead workers: {', '.join(summary['dead_workers'])}  "

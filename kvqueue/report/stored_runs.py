@@ -16,8 +16,10 @@ import redis
 
 from kvqueue import keys
 from kvqueue.errors import KVQueueError
+from kvqueue.gpu.engine_stats import EngineStats
 from kvqueue.gpu.request import Request
 from kvqueue.gpu.results import RequestResult
+from kvqueue.live.engine_log import read_engine_stats
 from kvqueue.live.runs import read_results, read_run_meta
 from kvqueue.report.dashboard import build_dashboard
 from kvqueue.workloads.recorded import rebuild_requests
@@ -66,6 +68,7 @@ def dashboard_from_runs(
     notes: list[str] = []
     metas: dict[str, dict[str, Any]] = {}
     results: dict[str, list[RequestResult]] = {}
+    engines: dict[str, dict[str, EngineStats]] = {}
     names: dict[str, str] = {}
     for run_id in run_ids:
         meta = read_run_meta(client, run_id, prefix)
@@ -83,6 +86,7 @@ def dashboard_from_runs(
         names[run_id] = name
         metas[run_id] = meta
         results[name] = list(seen.values())
+        engines[name] = read_engine_stats(client, run_id, prefix)
         if meta.get("num_requests") and len(seen) < int(meta["num_requests"]):
             notes.append(
                 f"run {run_id}: {len(seen)} of {meta['num_requests']} results so far "
@@ -121,7 +125,7 @@ def dashboard_from_runs(
         if problem:
             notes.append(f"ideal hit rate unavailable: {problem}")
             workload = None
-        dashboard = build_dashboard(results, workload or [], worker_list, info)
+        dashboard = build_dashboard(results, workload or [], worker_list, info, engines)
         if workload is None:
             _blank_ideal(dashboard)
         return LoadedRuns(dashboard, results, notes)
@@ -135,7 +139,7 @@ def dashboard_from_runs(
         if problem:
             notes.append(f"{name}: ideal hit rate unavailable: {problem}")
             workload = None
-        one = build_dashboard({name: results[name]}, workload or [], worker_list, info)
+        one = build_dashboard({name: results[name]}, workload or [], worker_list, info, engines)
         if workload is None:
             _blank_ideal(one)
         merged[name] = one["strategies"][name]

@@ -122,6 +122,7 @@ class RedisMembership:
                 keys.load_since(p),
                 keys.capacity(p),
                 keys.usage(p),
+                keys.engine_signals(p),
             ],
             args=[worker, capacity_blocks, time.time() * 1000.0],
         )
@@ -180,6 +181,7 @@ class RedisMembership:
                 keys.load_since(p),
                 keys.usage(p),
                 keys.worker_routed(worker, p),
+                keys.engine_signals(p),
             ],
             args=[p, worker, int(heartbeat_ttl_s * 1000), "" if generation is None else generation],
         )

@@ -37,6 +37,10 @@ from kvqueue.routing.view import RouterView, WorkerLoad, worker_order
 class RedisRouterState:
     """Router state in Redis: the prefix tree, live workers, loads and the shared ticket.
 
+    The engines' load signals (`WorkerLoad.num_running`, ...) are what each worker last
+    published (`publish_signals`: a batched worker does, throttled, with its steps' events);
+    a worker that publishes none (the sequential one) reads as the defaults, 0.
+
     `kvq:load:since` holds, per worker, the wall-clock ms at which the router saw its current
     request start: a commit to an idle worker, or the last completion (the next queued
     request starts then). `time_scale` (wall seconds per simulated second, as the workers
@@ -89,26 +93,32 @@ class RedisRouterState:
                 keys.capacity(p),
                 keys.output_stats(p),
                 keys.load_since(p),
+                keys.engine_signals(p),
             ],
             take_ticket,
             self._rules,
         )
-        requests, tokens, work, used, capacity, stats, since = read.states
+        requests, tokens, work, used, capacity, stats, since, signals = read.states
         matches, sizes = read.matches, read.sizes
         now = _wall_ms()
         workers = tuple(sorted(matches, key=worker_order))
-        loads = {
-            w: WorkerLoad(
+        loads = {}
+        for w in workers:
+            engine = LoadSignals.from_json(signals[w]) if w in signals else LoadSignals()
+            loads[w] = WorkerLoad(
                 requests=max(0, int(requests.get(w, 0))),
                 tokens=max(0, int(tokens.get(w, 0))),
                 work_ms=max(0.0, float(work.get(w, 0.0))),
                 used_blocks=int(used.get(w, 0)),
                 capacity_blocks=int(capacity.get(w, 0)),
                 elapsed_ms=self._elapsed_ms(now, since.get(w), int(requests.get(w, 0))),
+                num_running=engine.num_running,
+                num_waiting=engine.num_waiting,
+                engine_kv_usage=engine.kv_usage,
+                num_queued_prefill_tokens=engine.num_queued_prefill_tokens,
                 indexed_blocks=sizes.get(w, 0),
+                engine_reported=w in signals,
             )
-            for w in workers
-        }
         scale = self.time_scale if self.time_scale > 0 else 1.0
         return RouterView(
             workers,
@@ -120,6 +130,11 @@ class RedisRouterState:
             index_mode=self.index_mode,
             now_ms=read.now_ms / scale,
         )
+
+    def publish_signals(self, worker: str, signals: LoadSignals, pipeline: Any = None) -> None:
+        """A worker's engine load signals, as the next view reads them (`kvq:signals`)."""
+        target = pipeline if pipeline is not None else self.client
+        target.hset(keys.engine_signals(self.prefix), worker, signals.to_json())
 
     def _elapsed_ms(self, now: float, since: str | None, requests: int) -> float:
         if requests <= 0 or since is None or self.time_scale <= 0:

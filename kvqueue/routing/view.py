@@ -26,8 +26,10 @@ class WorkerLoad:
     `num_waiting` requests, `engine_kv_usage` (fraction of KV blocks pinned by running
     requests: evictable cached blocks count as free, unlike `kv_usage`) and
     `num_queued_prefill_tokens`. The simulator fills them from each worker's engine at the
-    moment of the decision; where a worker does not publish them (the live pipeline, for
-    now) they keep their defaults, 0.
+    moment of the decision; a live batched worker publishes them at most every
+    `kvqueue.live.batched_serving.SIGNALS_INTERVAL_S` and whenever requests join or leave its
+    batch; where a worker publishes none (the live sequential worker, whose queue is RQ's)
+    they keep their defaults, 0.
 
     `engine_reported` says whether those four come from the worker's engine (else they are
     the defaults and mean nothing). `since_token_ms` is the time since the worker's last

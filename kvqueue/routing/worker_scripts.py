@@ -123,7 +123,8 @@ REGISTER = (
     """
 -- A process takes the worker's name: a new generation, live now, with an empty cache.
 -- KEYS[1] = the worker's generation, KEYS[2] = live workers, KEYS[3] = its jobs hash,
--- KEYS[4..7] = load, load:tokens, load:work, load:since, KEYS[8] = capacity, KEYS[9] = usage
+-- KEYS[4..7] = load, load:tokens, load:work, load:since, KEYS[8] = capacity, KEYS[9] = usage,
+-- KEYS[10] = engine signals (an earlier process's are dropped)
 -- ARGV[1] = worker, ARGV[2] = capacity in blocks, ARGV[3] = the caller's wall clock in ms
 -- Jobs still queued for an earlier generation are this one's now, counted afresh (so the
 -- counters equal the records again); jobs an earlier generation had started are removed and
@@ -139,7 +140,7 @@ local gen = redis.call('INCR', KEYS[1])
 redis.call('ZADD', KEYS[2], now, worker)
 redis.call('HSET', KEYS[8], worker, ARGV[2])
 redis.call('HSET', KEYS[9], worker, 0)
-for k = 4, 7 do redis.call('HDEL', KEYS[k], worker) end
+for _, k in ipairs({4, 5, 6, 7, 10}) do redis.call('HDEL', KEYS[k], worker) end
 local started, queued = {}, 0
 local entries = redis.call('HGETALL', KEYS[3])
 for i = 1, #entries, 2 do
@@ -199,7 +200,7 @@ REAP = (
 -- KEYS[1] = live workers, KEYS[2] = the worker's generation, KEYS[3] = its jobs hash,
 -- KEYS[4] = its block set, KEYS[5] = its pending marks,
 -- KEYS[6..9] = load, load:tokens, load:work, load:since, KEYS[10] = usage,
--- KEYS[11] = its routed blocks (approximate index)
+-- KEYS[11] = its routed blocks (approximate index), KEYS[12] = engine signals
 -- ARGV[1] = key prefix, ARGV[2] = worker, ARGV[3] = heartbeat TTL in ms,
 -- ARGV[4] = a generation to claim whatever its heartbeat (a worker stopping hands itself
 --           over), or '' to claim only an expired heartbeat
@@ -220,7 +221,7 @@ local jobs = redis.call('HGETALL', KEYS[3])
 redis.call('DEL', KEYS[3])
 clear_worker(prefix, worker, KEYS[4], now)
 forget_pending(prefix, worker, KEYS[5], now)
-for k = 6, 10 do redis.call('HDEL', KEYS[k], worker) end
+for _, k in ipairs({6, 7, 8, 9, 10, 12}) do redis.call('HDEL', KEYS[k], worker) end
 redis.call('DEL', KEYS[11])
 return {gen, jobs}
 """

@@ -32,9 +32,8 @@ import math
 from dataclasses import dataclass
 
 from kvqueue.errors import KVQueueError, RequestRejected
-from kvqueue.gpu.batched_gpu import BatchedGpu
+from kvqueue.gpu.batched_gpu import BatchedGpu, completed_fields
 from kvqueue.gpu.engine_stats import EngineStats
-from kvqueue.gpu.latency import tpot_ms
 from kvqueue.gpu.load_signals import LoadSignals
 from kvqueue.gpu.results import RequestStatus
 from kvqueue.gpu.scheduler import DecodeRun, EngineRequest, ScheduledStep, StepOutcome
@@ -270,31 +269,16 @@ class BatchedWorker:
     def _record_completed(self, request: EngineRequest, now: float) -> None:
         timing: _Timing = request.tag
         item = timing.item
-        arrival = item.request.arrival_ms
         assert timing.admitted_ms is not None and timing.first_token_ms is not None
-        queue_wait = timing.admitted_ms - arrival
-        ttft = timing.first_token_ms - arrival
-        e2e = now - arrival
-        outputs = request.num_output
         self.host.record(
             item,
             self.name,
             self.gpu.cache.num_blocks,
             RequestStatus.COMPLETED,
-            start_ms=timing.admitted_ms,
-            finish_ms=now,
-            queue_wait_ms=queue_wait,
-            prefill_ms=ttft - queue_wait,
-            decode_ms=e2e - ttft,
-            ttft_ms=ttft,
-            e2e_ms=e2e,
-            hit_blocks=request.num_hit_blocks or 0,
-            decode_tokens=outputs,
-            decode_source=request.decode_source,
-            evictions=request.table.num_evicted,
             cache_used_blocks=timing.cache_used_blocks,
-            tpot_ms=tpot_ms(ttft, e2e, outputs),
-            preemptions=request.num_preemptions,
+            **completed_fields(
+                request, item.request.arrival_ms, timing.admitted_ms, timing.first_token_ms, now
+            ),
         )
 
     def _end_unserved(self, item: Queued, now: float, status: RequestStatus, reason: str) -> None:
