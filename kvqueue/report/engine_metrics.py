@@ -1,10 +1,10 @@
 """Engine-level metrics of one run (one strategy): what the workers' engines did, step by step.
 
 From each worker's `kvqueue.gpu.engine_stats.EngineStats`, over all workers of the run. The
-simulator records them; a live run's are rebuilt from its results (`sequential_stats`: its
-workers run the sequential engine, one request at a time, so a worker's steps and KV usage
-follow from each result — the request's blocks pinned from start to finish — but not its
-per-step token gaps, so a live run has no ITL):
+simulator records them, and so do live batched workers (`kvqueue.live.engine_log`); a live
+run of sequential workers has its stats rebuilt from its results (`sequential_stats`: one
+request at a time, so a worker's steps and KV usage follow from each result — the request's
+blocks pinned from start to finish — but not its per-step token gaps, so it has no ITL):
 
 - **mean batch size** = requests scheduled summed over steps / steps (a step is one forward
   pass; the sequential engine's steps hold one request each);

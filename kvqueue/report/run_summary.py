@@ -7,7 +7,7 @@ from typing import Any
 
 from kvqueue.gpu.results import RequestStatus
 from kvqueue.live.run import LiveRun
-from kvqueue.report.engine_metrics import summarize_engines
+from kvqueue.report.engine_metrics import sequential_stats, summarize_engines
 from kvqueue.report.metrics import summarize
 from kvqueue.report.units import format_count, format_duration, format_share
 
@@ -16,14 +16,15 @@ NUM_REASONS = 3
 
 def run_summary(run: LiveRun) -> dict[str, Any]:
     """Run id, strategy, `sent`, `summarize` of the run's results over its workers, what the
-    engines did (`summarize_engines`: batched workers record it; None otherwise) and what
-    recovery did. ``sent == completed + rejected + failed`` (one result per request)."""
+    engines did (`summarize_engines`: batched workers record it; a sequential worker's is
+    rebuilt from its results, `sequential_stats`) and what recovery did.
+    ``sent == completed + rejected + failed`` (one result per request)."""
     failures = Counter(r.reason for r in run.results if r.status is RequestStatus.FAILED)
     return (
         {"run_id": run.sent.run_id, "strategy": run.sent.strategy, "sent": len(run.results)}
         | summarize(run.results, run.workers)
         | {
-            "engine": summarize_engines(run.engine_stats),
+            "engine": summarize_engines(run.engine_stats or sequential_stats(run.results)),
             "failure_reasons": dict(failures.most_common(NUM_REASONS)),
             "rerouted": run.recovery.rerouted,
             "dead_workers": list(run.recovery.dead_workers),

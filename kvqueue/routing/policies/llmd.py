@@ -48,8 +48,9 @@ class LlmdScorers:
     the approximate producer and scorer under the same weights.
 
     The engine signals are the simulator's exact values at the decision; llm-d scrapes them
-    every few tens of milliseconds. A live worker does not publish them yet, so a live view
-    reads 0 for both and only the prefix scorer discriminates.
+    every few tens of milliseconds, and a live batched worker publishes them about as often
+    (`kvq:signals`). A live sequential worker publishes none: its view reads 0 for both and
+    only the prefix scorer discriminates.
     """
 
     needs_ticket: ClassVar[bool] = False
