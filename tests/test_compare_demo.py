@@ -398,9 +398,10 @@ def test_demo_with_the_batched_engine_runs_batched_workers_and_reports_their_bat
     marker = uuid.uuid4().hex
     strategies = ["cache_aware", "round_robin"]
     args = ["--out", str(tmp_path), "--engine", "batched", "--latency", "calibrated"]
-    dashboard = run_demo([*args, "--strategies", ",".join(strategies)], child_env(marker))
+    dashboard, stderr = run_demo([*args, "--strategies", ",".join(strategies)], child_env(marker))
 
     assert_comparison_json(dashboard, strategies)
+    assert "ITL p99" in stderr  # the engines' table under the strategies'
     meta = dashboard["meta"]
     assert (meta["engine"], meta["latency_profile"]) == ("batched", "calibrated")
     for name, summary in dashboard["strategies"].items():
