@@ -57,7 +57,12 @@ def test_two_batched_workers_complete_every_request_in_batches_the_dashboard_sho
         env=lab.env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert dashboard.returncode == 0, dashboard.stderr
-    engine = orjson.loads(dashboard.stdout)["strategies"]["cache_aware"]["engine"]
+    stored = orjson.loads(dashboard.stdout)
+    # The run recorded the engine its workers registered: the dashboard knows they batch.
+    meta = stored["meta"]
+    assert (meta["engine"], meta["latency_profile"]) == ("batched", "seed")
+    assert (meta["max_num_batched_tokens"], meta["max_num_seqs"]) == (2048, 256)
+    engine = stored["strategies"]["cache_aware"]["engine"]
     assert engine == summary["engine"]
     assert engine["mean_batch_size"] > 1 and engine["num_steps"] > 0
     assert "ITL p99" in dashboard.stderr  # the engine table under the strategies'
@@ -130,13 +135,13 @@ def test_redis_forgetting_kvqueues_scripts_mid_run_costs_no_request(
     which does not ask Redis before every round trip whether its scripts are loaded, loads
     them and sends the round trip again (every command in it is safe to repeat)."""
     lab.cluster(2)
-    requests = read_mooncake(write_trace(tmp_path / "trace.jsonl", 24, 400))
+    requests = read_mooncake(write_trace(tmp_path / "trace.jsonl", 24, 600))
     producer = Producer(lab.client, lab.settings(), "round_robin", "flushed")
     flushing = threading.Event()
     flushes = []
 
-    def flush_scripts() -> None:
-        while not flushing.wait(0.005):
+    def flush_scripts() -> None:  # as often as a worker's heartbeat can bear (it retries once)
+        while not flushing.wait(0.04):
             lab.client.script_flush()
             flushes.append(1)
 
@@ -149,8 +154,9 @@ def test_redis_forgetting_kvqueues_scripts_mid_run_costs_no_request(
         flushing.set()
         flusher.join()
 
-    assert len(flushes) > 10
-    assert Counter(r.status for r in results) == {RequestStatus.COMPLETED: 24}
+    assert len(flushes) >= 5
+    reasons = Counter(r.reason for r in results if r.status is not RequestStatus.COMPLETED)
+    assert Counter(r.status for r in results) == {RequestStatus.COMPLETED: 24}, reasons
     entries = lab.client.xrange(keys.results("flushed", lab.prefix))
     ids = Counter(orjson.loads(fields[b"result"])["request_id"] for _, fields in entries)
     assert len(ids) == 24 and set(ids.values()) == {1}

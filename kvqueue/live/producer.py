@@ -106,7 +106,8 @@ class Producer:
         check_access(self.client, self.settings.redis_url, self.prefix)
         self.recovery.reap_expired()
         workers = self.require_workers()
-        self._gpus = self._worker_gpus(workers)
+        infos = [self.client.hgetall(keys.worker_info(w, self.prefix)) for w in workers]
+        self._gpus = self._worker_gpus(infos)
         self._started = time.time()
         claim_run(
             self.client,
@@ -117,6 +118,7 @@ class Producer:
                 "workers": workers,
                 "time_scale": self.settings.time_scale,
                 "started_at": self._started,
+                **_workers_engine(infos),
                 **(meta or {}),
             },
             self.prefix,
@@ -216,12 +218,11 @@ class Producer:
             self._queues[worker] = queue
         return queue
 
-    def _worker_gpus(self, workers: Sequence[str]) -> list[SimulatedGpu]:
+    def _worker_gpus(self, infos: Sequence[dict[bytes, bytes]]) -> list[SimulatedGpu]:
         """A GPU per preset the live workers registered (the producer's own preset if none
         did): what decides, before routing, whether any of them could serve a request."""
         presets: dict[tuple[str, int, int], Preset] = {}
-        for worker in workers:
-            info = self.client.hgetall(keys.worker_info(worker, self.prefix))
+        for info in infos:
             try:
                 name = info[b"preset"].decode()
                 limits = (name, int(info[b"capacity_blocks"]), int(info[b"max_context_tokens"]))
@@ -246,6 +247,22 @@ class Producer:
                 num_blocks=request.num_blocks,
             )
         )
+
+
+ENGINE_FIELDS = ("engine", "latency_profile", "max_num_batched_tokens", "max_num_seqs")
+
+
+def _workers_engine(infos: Sequence[dict[bytes, bytes]]) -> dict[str, object]:
+    """The engine the live workers registered (`EngineConfig.describe`), for the run's
+    metadata; {} when they registered none or do not all run the same one."""
+    described = {
+        tuple((f, info[f.encode()].decode()) for f in ENGINE_FIELDS if f.encode() in info)
+        for info in infos
+    }
+    if len(described) != 1:
+        return {}
+    (fields,) = described
+    return {f: int(v) if v.isdigit() else v for f, v in fields}
 
 
 def _unservable(request: Request, gpus: Sequence[SimulatedGpu]) -> str | None:

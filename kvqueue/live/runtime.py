@@ -347,7 +347,7 @@ class GpuRuntime:
                 "evictions": cache.stats.num_evictions,
                 "pid": self.pid,
                 "generation": self.generation,
-                "engine": self.engine,
+                **self.settings.engine_config().describe(self.gpu.preset),
                 **self.serving_info,
             },
         )
