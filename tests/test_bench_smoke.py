@@ -30,6 +30,7 @@ SMOKE_TESTED = {
     "bench_pipeline.py",
     "bench_faults.py",
     "bench_live_batched.py",
+    "bench_redis_cost.py",
 }
 
 
@@ -125,6 +126,14 @@ def test_bench_live_batched_quick_prints_its_table(real_redis_base_url: str) -> 
 
     assert_table(stdout, "scale", "W", "done", "steps", "wall", "s", "sleep", "%")
     assert "batched workers" in stdout
+
+
+@pytest.mark.slow
+def test_bench_redis_cost_quick_prints_its_table() -> None:
+    stdout = run_quick("bench_redis_cost.py")  # a redis-server of its own: it reads its stats
+
+    assert_table(stdout, "phase", "W", "items", "server", "CPU", "ms/item")
+    assert "router decisions" in stdout and "heaviest commands per request" in stdout
 
 
 def test_every_bench_script_has_a_smoke_test() -> None:
