@@ -15,7 +15,7 @@ import redis
 
 from kvqueue import keys
 from kvqueue.gpu.events import CacheEvent
-from kvqueue.gpu.hashing import BLOCK_SIZE
+from kvqueue.gpu.hashing import BLOCK_SIZE, BlockHash
 from kvqueue.gpu.load_signals import LoadSignals
 from kvqueue.gpu.request import Request
 from kvqueue.routing import worker_scripts
@@ -360,7 +360,13 @@ class InMemoryRouterState:
             {w: active.matched(w, hashes) for w in self.workers},
             now,
             self.recency.since,
+            self._release_ages,
         )
+
+    def _release_ages(
+        self, worker: str, block_hashes: Sequence[BlockHash]
+    ) -> Callable[[int], int | None]:
+        return self.recency.along(worker, block_hashes).at
 
     def commit(self, request: Request, decision: Decision, pipeline: Any = None) -> None:
         if self.routed is not None:
