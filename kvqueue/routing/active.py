@@ -27,7 +27,7 @@ stay maximal).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from kvqueue.gpu.hashing import BlockHash
@@ -146,3 +146,32 @@ class ActiveSequences:
         if flights is None:
             return 0
         return walk(flights.tree, block_hashes).matched
+
+
+class ActiveMatches(Mapping[str, int]):
+    """``{worker: active.matched(worker, block_hashes)}`` over `workers`, each walked on
+    first read: a policy that never reads a worker's active match costs no walk."""
+
+    __slots__ = ("_active", "_block_hashes", "_found", "_workers")
+
+    def __init__(
+        self, active: ActiveSequences, workers: Sequence[str], block_hashes: Sequence[BlockHash]
+    ) -> None:
+        self._active = active
+        self._workers = workers
+        self._block_hashes = block_hashes
+        self._found: dict[str, int] = {}
+
+    def __getitem__(self, worker: str) -> int:
+        found = self._found.get(worker)
+        if found is None:
+            if worker not in self._workers:
+                raise KeyError(worker)
+            found = self._found[worker] = self._active.matched(worker, self._block_hashes)
+        return found
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._workers)
+
+    def __len__(self) -> int:
+        return len(self._workers)

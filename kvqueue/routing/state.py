@@ -19,7 +19,7 @@ from kvqueue.gpu.hashing import BLOCK_SIZE, BlockHash
 from kvqueue.gpu.load_signals import LoadSignals
 from kvqueue.gpu.request import Request
 from kvqueue.routing import worker_scripts
-from kvqueue.routing.active import ActiveSequences
+from kvqueue.routing.active import ActiveMatches, ActiveSequences
 from kvqueue.routing.approximate import (
     DEFAULT_APPROXIMATE,
     ApproximateRules,
@@ -357,7 +357,7 @@ class InMemoryRouterState:
             mean_output,
             self._declared / self._routed if self._routed else None,
             self.index_mode,
-            {w: active.matched(w, hashes) for w in self.workers},
+            ActiveMatches(active, self.workers, hashes),
             now,
             self.recency.since,
             self._release_ages,

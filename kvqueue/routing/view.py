@@ -82,6 +82,8 @@ class RouterView:
     (`kvqueue.routing.recency`; None if none did, or if the router keeps no such record).
     `since_use_along(w, chain)` answers the same for every position of a chain; a router
     that keeps the record as runs gives it as `release_ages`, read in one walk per chain.
+    The in-memory router computes these and `active_matched_blocks` when a policy reads
+    them, from its records as they are then: read them while choosing, before the commit.
     """
 
     workers: tuple[str, ...]
