@@ -1,7 +1,6 @@
 """What rate a cluster can take, and whether a run offered more: the overload verdict.
 
-Two capacity figures, both in completed requests per second of simulated time, one per kind
-of engine:
+Three capacity figures, all in completed requests per second of simulated time:
 
 - **measured** (`saturate`, any engine; the one a batching engine has): the throughput of a
   *saturating burst* — the workload's requests all arriving at once, under the policy being
@@ -36,8 +35,9 @@ of engine:
   not clear — offered at or above it, or a burst — is measured, and a burst's own run is
   the measurement's first try (`saturate`'s `first`), not simulated again.
 
-Both assume the load spread evenly over the workers; a policy that piles work onto a few
-can queue on them below this rate.
+All assume the load spread evenly over the workers; a policy that piles work onto a few
+can queue on them below this rate. (The bound is a lower bound for the workload as the run
+served it: a heavier load that evicts more of what the run hit could complete fewer.)
 
 A run is **overloaded** when its offered rate exceeds the capacity, or when it is a burst
 (every request at once) of more requests than the workers run at once — one each on the
