@@ -129,7 +129,7 @@ def build_dashboard(
 
 def _verdict(
     results: Sequence[RequestResult],
-    saturation: Capacity | None,
+    capacity: Capacity | None,
     offered_rps: float,
     num_requests: int,
     num_workers: int,
@@ -137,8 +137,8 @@ def _verdict(
 ) -> LoadVerdict:
     """The run against its measured capacity or bound, else its busy-time estimate (module
     docstring)."""
-    if saturation is not None:
-        return saturation.verdict(offered_rps, num_requests, num_workers)
+    if capacity is not None:
+        return capacity.verdict(offered_rps, num_requests, num_workers)
     estimate = run_capacity_rps(results, num_workers, engine)
     return LoadVerdict(offered_rps, estimate, ESTIMATED, num_requests, num_workers)
 
