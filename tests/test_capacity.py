@@ -8,14 +8,17 @@ import math
 import numpy as np
 import pytest
 
+import kvqueue.report.comparison as comparison_module
 from kvqueue.gpu.engines import EngineConfig
 from kvqueue.gpu.results import RequestResult, RequestStatus
 from kvqueue.report.capacity import (
+    BOUNDED,
     ESTIMATED,
     MEASURED,
     SATURATION_DEPTH,
     LoadVerdict,
     busy_ms,
+    busy_time_bound_rps,
     capacity_from_busy_time,
     offered_rate_rps,
     overload_line,
@@ -198,3 +201,52 @@ def test_a_batched_simulation_is_judged_against_its_measured_capacity(
     assert verdict.overloaded is overloaded and verdict.load == pytest.approx(fraction)
     assert dashboard["meta"]["capacity"]["round_robin"]["copies"] == found.copies
     assert "measured by a saturating burst" in format_table(dashboard)
+
+
+def test_a_batched_run_offered_less_than_its_busy_time_bound_is_settled_without_a_burst(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batching GPU completes at least as many requests per busy second when given more at
+    once, so a run offered below that bound is not overloaded: no burst is run for it."""
+    workload = make_workload("shared-prefix-small", seed=0)
+    (found,) = saturate(workload, ["round_robin"], 4, bursts(4, BATCHED)).values()
+    # Lightly loaded, a GPU is busy with one or two requests at a time: the bound is near
+    # workers / service time, well under what batching takes.
+    rate = 0.05 * found.capacity_rps
+    timed = retime(workload, "poisson", rate, seed=0)
+    simulated: list[int] = []
+
+    def counting(requests, names, num_workers, **options):  # type: ignore[no-untyped-def]
+        simulated.append(len(requests))
+        return run_strategies(requests, names, num_workers, **options)
+
+    monkeypatch.setattr(comparison_module, "run_strategies", counting)
+    meta = {"arrivals": "poisson", "rate_rps": rate}
+    dashboard = simulate_comparison(timed, ["round_robin"], 4, engine=BATCHED, meta=meta).dashboard
+
+    assert simulated == [len(timed)]  # the run itself, no burst
+    verdict = load_verdicts(dashboard)["round_robin"]
+    (run,) = run_strategies(timed, ["round_robin"], 4, engine=BATCHED).values()
+    bound = busy_time_bound_rps(run.results, 4)
+    assert (verdict.basis, verdict.capacity_rps) == (BOUNDED, bound)
+    assert rate < bound < found.capacity_rps  # a lower bound, above what was offered
+    assert not verdict.overloaded and verdict.load == pytest.approx(rate / bound)
+    assert dashboard["meta"]["capacity"]["round_robin"]["basis"] == BOUNDED
+    assert "at least the busy-time figure" in format_table(dashboard)
+
+
+def test_a_burst_workloads_own_run_is_its_saturation_first_try() -> None:
+    workload = retime(make_workload("shared-prefix-small", seed=0), "asap")
+    runs = run_strategies(workload, ["round_robin", "cache_aware"], 4, engine=BATCHED)
+    sizes: list[int] = []
+
+    def runner(burst, names):  # type: ignore[no-untyped-def]
+        sizes.append(len(burst))
+        return run_strategies(burst, names, 4, engine=BATCHED)
+
+    reused = saturate(workload, ["round_robin", "cache_aware"], 4, runner, first=runs)
+    again = saturate(workload, ["round_robin", "cache_aware"], 4, bursts(4, BATCHED))
+
+    assert len(workload) not in sizes  # the first try was not simulated again
+    for name in ("round_robin", "cache_aware"):
+        assert reused[name].to_dict() == again[name].to_dict()

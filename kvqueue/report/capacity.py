@@ -1,7 +1,6 @@
 """What rate a cluster can take, and whether a run offered more: the overload verdict.
 
-Two capacity figures, both in completed requests per second of simulated time, one per kind
-of engine:
+Three capacity figures, all in completed requests per second of simulated time:
 
 - **measured** (`saturate`, any engine; the one a batching engine has): the throughput of a
   *saturating burst* — the workload's requests all arriving at once, under the policy being
@@ -15,7 +14,8 @@ of engine:
   keeps the ramp-up and drain at its ends to a few percent of the makespan; a burst that
   reaches `MAX_BURST_REQUESTS` first is reported as not saturated (its figure is then a
   lower bound). `kvqueue sweep` measures this per policy and cluster size for every engine,
-  `kvqueue simulate` for the batched engine.
+  `kvqueue simulate` for the batched engine when the run itself does not settle the verdict
+  (below).
 - **estimated** (`capacity_from_busy_time`, the sequential engine's): from a run's own
   results, ``n × completed / busy seconds``, a worker being busy while a request is in
   service on it. One request at a time, busy time is the sum of service times, so this is
@@ -23,12 +23,21 @@ of engine:
   run (``workers / mean cold service time``, no hits, is its lower bound). It equals
   ``throughput / utilization``: a run that keeps up has utilization < 1, so the estimate is
   above the rate offered; one that falls behind keeps its workers busy and the estimate falls
-  to its throughput, below the offered rate. For a batching engine busy time says nothing
-  about capacity (one lone request keeps a GPU "busy" that could take dozens more), so a
-  batched run has no estimate, only a measurement (`run_capacity_rps`).
+  to its throughput, below the offered rate. For a batching engine busy time does not give
+  the capacity (one lone request keeps a GPU "busy" that could take dozens more), so a
+  batched run has no estimate (`run_capacity_rps`), only a measurement.
+- **bounded** (`settle_from_run`, a batching engine's run): the same ``n × completed / busy
+  seconds`` is a *lower bound* on a batching GPU's capacity — while busy it completed that
+  many requests per second, and more requests at once only add to a step's batch. When the
+  rate a run offered is below that bound, the run is not overloaded, whatever the capacity
+  above it: `kvqueue simulate` then records the bound (its load figure is an upper bound on
+  the true load) and runs no saturating burst for that strategy. Only a run the bound does
+  not clear — offered at or above it, or a burst — is measured, and a burst's own run is
+  the measurement's first try (`saturate`'s `first`), not simulated again.
 
-Both assume the load spread evenly over the workers; a policy that piles work onto a few
-can queue on them below this rate.
+All assume the load spread evenly over the workers; a policy that piles work onto a few
+can queue on them below this rate. (The bound is a lower bound for the workload as the run
+served it: a heavier load that evicts more of what the run hit could complete fewer.)
 
 A run is **overloaded** when its offered rate exceeds the capacity, or when it is a burst
 (every request at once) of more requests than the workers run at once — one each on the
@@ -40,7 +49,7 @@ the rate the cluster can take.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +63,7 @@ from kvqueue.workloads.rekey import repeated
 
 MEASURED = "measured"  # throughput of a saturating burst
 ESTIMATED = "estimated"  # n × completed / busy time of the run itself (sequential engine)
+BOUNDED = "bounded"  # at least n × completed / busy time of a batching run (a lower bound)
 # Batches queued per GPU in a saturating burst (kvqueue's choice): the ramp-up and drain at
 # its ends cost about a batch's lifetime, and a policy that piles a burst onto a few GPUs
 # drains unevenly. From this depth on a burst twice as deep measures within 5%
@@ -112,6 +122,14 @@ def run_capacity_rps(
     return capacity_from_busy_time(num_completed, sum(busy.values()), num_workers)
 
 
+def busy_time_bound_rps(results: Sequence[RequestResult], num_workers: int) -> float | None:
+    """`capacity_from_busy_time` of one run's results on any engine: for a batching engine a
+    lower bound on its capacity (module docstring). None when nothing completed."""
+    busy = busy_ms(results)
+    num_completed = sum(r.status == RequestStatus.COMPLETED for r in results)
+    return capacity_from_busy_time(num_completed, sum(busy.values()), num_workers)
+
+
 def saturated_throughput_rps(results: Sequence[RequestResult]) -> float | None:
     """Completed requests per second from the first arrival to the last finish.
 
@@ -158,9 +176,18 @@ class Saturation:
     def saturated(self) -> bool:
         return self.depth >= SATURATION_DEPTH
 
+    def verdict(self, offered_rps: float, num_requests: int, num_workers: int) -> LoadVerdict:
+        """A run offering `offered_rps` against this measured capacity; a GPU runs the
+        burst's mean batch at once."""
+        batch = mean_batch_size(self.run.engine_stats.values())
+        return LoadVerdict(
+            offered_rps, self.capacity_rps, MEASURED, num_requests, num_workers, batch
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "capacity_rps": self.capacity_rps,
+            "basis": MEASURED,
             "copies": self.copies,
             "num_requests": self.num_requests,
             "depth": self.depth,
@@ -168,11 +195,41 @@ class Saturation:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class RunBound:
+    """A batching run that settles its own verdict: the cluster takes at least
+    `capacity_rps` (its busy-time bound), more than the run offered (`settle_from_run`)."""
+
+    capacity_rps: float
+
+    def verdict(self, offered_rps: float, num_requests: int, num_workers: int) -> LoadVerdict:
+        return LoadVerdict(offered_rps, self.capacity_rps, BOUNDED, num_requests, num_workers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"capacity_rps": self.capacity_rps, "basis": BOUNDED, "saturated": False}
+
+
+Capacity = Saturation | RunBound
+
+
+def settle_from_run(
+    results: Sequence[RequestResult], num_workers: int, offered_rps: float
+) -> RunBound | None:
+    """The run's busy-time bound when the rate it offered is below it (then it is not
+    overloaded, module docstring); None when the bound does not settle that — a burst, an
+    offered rate at or above the bound, or nothing completed."""
+    if math.isinf(offered_rps):
+        return None
+    bound = busy_time_bound_rps(results, num_workers)
+    return RunBound(bound) if bound is not None and offered_rps < bound else None
+
+
 def saturate(
     requests: Sequence[Request],
     strategies: Sequence[str],
     num_workers: int,
     run_burst: BurstRunner,
+    first: Mapping[str, SimulationRun] | None = None,
 ) -> dict[str, Saturation]:
     """Each strategy's saturating burst (module docstring), grown until it is deep enough.
 
@@ -180,7 +237,9 @@ def saturate(
     each strategy on fresh workers and returns their runs. The first try sends the workload
     once; a shallow burst is sent again with ``copies × ⌈SATURATION_DEPTH / depth⌉`` copies
     (at most `MAX_GROWTH` times more), only for the strategies that still need it, until it
-    is deep enough, completes nothing, or would exceed `MAX_BURST_REQUESTS`.
+    is deep enough, completes nothing, or would exceed `MAX_BURST_REQUESTS`. `first` holds
+    runs of that first try already made (of a workload that is itself a burst, every arrival
+    at 0, with the same options), used instead of simulating it again.
     """
     if not requests:
         raise ValueError("no requests to saturate the cluster with")
@@ -189,10 +248,10 @@ def saturate(
     copies = 1
     while pending:
         burst = retime(repeated(requests, copies), "asap")
-        tried = {
-            name: Saturation(run, copies, num_workers)
-            for name, run in run_burst(burst, pending).items()
-        }
+        done = dict(first or {}) if copies == 1 else {}
+        missing = [name for name in pending if name not in done]
+        runs = {**done, **(run_burst(burst, missing) if missing else {})}
+        tried = {name: Saturation(runs[name], copies, num_workers) for name in pending}
         shallowest = min(s.depth for s in tried.values())
         growth = min(MAX_GROWTH, max(2, math.ceil(SATURATION_DEPTH / shallowest)))
         last_try = len(requests) * copies * growth > MAX_BURST_REQUESTS

@@ -14,14 +14,15 @@ from kvqueue.gpu.presets import Preset, get_preset
 from kvqueue.gpu.request import Request
 from kvqueue.gpu.results import RequestResult
 from kvqueue.live.comparison import Comparison
-from kvqueue.report.capacity import saturate
-from kvqueue.report.dashboard import build_dashboard, results_path, write_run
+from kvqueue.report.capacity import Capacity, offered_rate_rps, saturate, settle_from_run
+from kvqueue.report.dashboard import build_dashboard, nominal_rate_rps, results_path, write_run
 from kvqueue.sim.parallel import run_strategies
 from kvqueue.sim.simulation import (
     DEFAULT_PENDING_TTL_MS,
     DEFAULT_RUN_ID,
     DEFAULT_STRATEGIES,
     ProgressCallback,
+    SimulationRun,
     worker_names,
 )
 
@@ -49,10 +50,12 @@ def simulate_comparison(
 ) -> SimulatedComparison:
     """Run every strategy (fresh state each, `run_strategies`) and build the dashboard.
 
-    On a batching engine each strategy's capacity is then measured by its saturating burst
-    (`kvqueue.report.capacity.saturate`, recorded under ``meta.capacity``), since its own
-    busy time says nothing about it; `status` is told before that starts. On the sequential
-    engine the dashboard estimates capacity from busy time, with no extra run.
+    On a batching engine a strategy whose run offered less than its busy-time bound is not
+    overloaded, and that bound is its capacity record (`settle_from_run`); any other
+    strategy's capacity is measured by its saturating burst (`saturate`; a burst workload's
+    own run is its first try); both are recorded under ``meta.capacity``, and `status` is
+    told before a burst starts. On the sequential engine the dashboard estimates capacity
+    from busy time, with no extra run.
     """
     preset = preset or get_preset()
     engine = engine or EngineConfig()
@@ -70,15 +73,8 @@ def simulate_comparison(
     info.update({"run_id": run_id, **engine.describe(preset), **(meta or {})})
     capacity = None
     if engine.is_batched:
-        if status is not None:
-            status("measuring each strategy's capacity with a saturating burst")
-        capacity = saturate(
-            requests,
-            strategies,
-            num_workers,
-            lambda burst, names: run_strategies(burst, names, num_workers, **options),
-        )
-        info["capacity"] = {name: s.to_dict() for name, s in capacity.items()}
+        capacity = _batched_capacity(requests, runs, num_workers, info, options, status)
+        info["capacity"] = {name: c.to_dict() for name, c in capacity.items()}
     results = {name: run.results for name, run in runs.items()}
     dashboard = build_dashboard(
         results,
@@ -89,6 +85,39 @@ def simulate_comparison(
         capacity,
     )
     return SimulatedComparison(dashboard, results)
+
+
+def _batched_capacity(
+    requests: Sequence[Request],
+    runs: Mapping[str, SimulationRun],
+    num_workers: int,
+    info: Mapping[str, Any],
+    options: Mapping[str, Any],
+    status: Callable[[str], None] | None,
+) -> dict[str, Capacity]:
+    """Each strategy's capacity record on a batching engine (`simulate_comparison`)."""
+    arrivals = [r.arrival_ms for r in requests]
+    offered = offered_rate_rps(arrivals, nominal_rate_rps(info))
+    found: dict[str, Capacity] = {}
+    for name, run in runs.items():
+        bound = settle_from_run(run.results, num_workers, offered)
+        if bound is not None:
+            found[name] = bound
+    unsettled = [name for name in runs if name not in found]
+    if unsettled:
+        if status is not None:
+            status("measuring each strategy's capacity with a saturating burst")
+        first = {name: runs[name] for name in unsettled} if not any(arrivals) else None
+        found.update(
+            saturate(
+                requests,
+                unsettled,
+                num_workers,
+                lambda burst, names: run_strategies(burst, names, num_workers, **options),
+                first,
+            )
+        )
+    return {name: found[name] for name in runs}
 
 
 def compare(

@@ -46,11 +46,11 @@ from kvqueue.gpu.engines import DEFAULT_ENGINE
 from kvqueue.gpu.request import Request
 from kvqueue.gpu.results import RequestResult, RequestStatus
 from kvqueue.report.capacity import (
+    BOUNDED,
     ESTIMATED,
     MEASURED,
+    Capacity,
     LoadVerdict,
-    Saturation,
-    mean_batch_size,
     offered_rate_rps,
     overload_line,
     run_capacity_rps,
@@ -78,14 +78,15 @@ def build_dashboard(
     workers: Sequence[str],
     meta: Mapping[str, Any] | None = None,
     engine_stats: Mapping[str, Mapping[str, EngineStats]] | None = None,
-    capacity: Mapping[str, Saturation] | None = None,
+    capacity: Mapping[str, Capacity] | None = None,
 ) -> dict[str, Any]:
     """Summaries of every strategy next to the ideal hit rate (shape in the module docstring).
 
     `requests` is the workload every strategy ran (for the ideal); `workers` lists every
     worker, so idle ones show up with zeros. Strategies keep the mapping's order.
     `engine_stats` maps a strategy to its workers' `EngineStats` (None where not recorded);
-    `capacity` a strategy to its saturating burst, where measured.
+    `capacity` a strategy to its saturating burst, where measured, or to the bound its own
+    run settles its verdict with (`kvqueue.report.capacity.settle_from_run`).
     """
     served: set[str] = set()
     for results in results_by_strategy.values():
@@ -128,18 +129,16 @@ def build_dashboard(
 
 def _verdict(
     results: Sequence[RequestResult],
-    saturation: Saturation | None,
+    capacity: Capacity | None,
     offered_rps: float,
     num_requests: int,
     num_workers: int,
     engine: str,
 ) -> LoadVerdict:
-    """The run against its measured capacity, else its busy-time estimate (module docstring)."""
-    if saturation is not None:
-        batch = mean_batch_size(saturation.run.engine_stats.values())
-        return LoadVerdict(
-            offered_rps, saturation.capacity_rps, MEASURED, num_requests, num_workers, batch
-        )
+    """The run against its measured capacity or bound, else its busy-time estimate (module
+    docstring)."""
+    if capacity is not None:
+        return capacity.verdict(offered_rps, num_requests, num_workers)
     estimate = run_capacity_rps(results, num_workers, engine)
     return LoadVerdict(offered_rps, estimate, ESTIMATED, num_requests, num_workers)
 
@@ -260,6 +259,7 @@ TABLE_NOTE = (
 CAPACITY_BASIS = {
     MEASURED: "measured by a saturating burst",
     ESTIMATED: "estimated from busy time",
+    BOUNDED: "at least the busy-time figure (load at most this)",
 }
 
 

@@ -21,10 +21,12 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from kvqueue.gpu.events import AllBlocksCleared, BlocksRemoved, BlocksStored, CacheEvent
 from kvqueue.gpu.hashing import BlockHash
+
+T = TypeVar("T")
 
 
 class PrefixIndex(Protocol):
@@ -50,12 +52,10 @@ class PrefixIndex(Protocol):
         """The blocks `worker` caches (confirmed only, not pending)."""
 
 
-def leading_run(
-    block_hashes: Sequence[BlockHash], holds: Callable[[BlockHash], bool], known: int = 0
-) -> int:
+def leading_run(block_hashes: Sequence[T], holds: Callable[[T], bool], known: int = 0) -> int:
     """How many leading blocks of a chain `holds` accepts, by binary search — exact when the
     accepted blocks are prefix-closed along the chain. `known` leading blocks are taken as
-    accepted already."""
+    accepted already. (Any sequence will do: positions, ``range(n)``, are probed alike.)"""
     lo, hi = known, len(block_hashes)
     if lo == 0:
         if not block_hashes or not holds(block_hashes[0]):

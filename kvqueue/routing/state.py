@@ -15,11 +15,11 @@ import redis
 
 from kvqueue import keys
 from kvqueue.gpu.events import CacheEvent
-from kvqueue.gpu.hashing import BLOCK_SIZE
+from kvqueue.gpu.hashing import BLOCK_SIZE, BlockHash
 from kvqueue.gpu.load_signals import LoadSignals
 from kvqueue.gpu.request import Request
 from kvqueue.routing import worker_scripts
-from kvqueue.routing.active import ActiveSequences
+from kvqueue.routing.active import ActiveMatches, ActiveSequences
 from kvqueue.routing.approximate import (
     DEFAULT_APPROXIMATE,
     ApproximateRules,
@@ -357,10 +357,16 @@ class InMemoryRouterState:
             mean_output,
             self._declared / self._routed if self._routed else None,
             self.index_mode,
-            {w: active.matched(w, hashes) for w in self.workers},
+            ActiveMatches(active, self.workers, hashes),
             now,
             self.recency.since,
+            self._release_ages,
         )
+
+    def _release_ages(
+        self, worker: str, block_hashes: Sequence[BlockHash]
+    ) -> Callable[[int], int | None]:
+        return self.recency.along(worker, block_hashes).at
 
     def commit(self, request: Request, decision: Decision, pipeline: Any = None) -> None:
         if self.routed is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from kvqueue.gpu.hashing import BlockHash
@@ -80,6 +80,10 @@ class RouterView:
     `now_ms` is the router's clock (virtual ms in the simulator). `blocks_since_use(w, block)`
     is how many blocks w has allocated since a request using `block` last ended there
     (`kvqueue.routing.recency`; None if none did, or if the router keeps no such record).
+    `since_use_along(w, chain)` answers the same for every position of a chain; a router
+    that keeps the record as runs gives it as `release_ages`, read in one walk per chain.
+    The in-memory router computes these and `active_matched_blocks` when a policy reads
+    them, from its records as they are then: read them while choosing, before the commit.
     """
 
     workers: tuple[str, ...]
@@ -94,6 +98,9 @@ class RouterView:
     blocks_since_use: Callable[[str, BlockHash], int | None] = field(
         default=lambda worker, block: None, repr=False, compare=False
     )
+    release_ages: Callable[[str, Sequence[BlockHash]], Callable[[int], int | None]] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     def load(self, worker: str) -> WorkerLoad:
         return self.loads.get(worker, NO_LOAD)
@@ -103,6 +110,15 @@ class RouterView:
 
     def active_matched(self, worker: str) -> int:
         return self.active_matched_blocks.get(worker, 0)
+
+    def since_use_along(
+        self, worker: str, block_hashes: Sequence[BlockHash]
+    ) -> Callable[[int], int | None]:
+        """Position i of `block_hashes` → ``blocks_since_use(worker, block_hashes[i])``."""
+        if self.release_ages is not None:
+            return self.release_ages(worker, block_hashes)
+        since = self.blocks_since_use
+        return lambda position: since(worker, block_hashes[position])
 
 
 @functools.lru_cache(maxsize=4_096)

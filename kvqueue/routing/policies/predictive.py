@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
-from kvqueue.gpu.hashing import BLOCK_SIZE, BlockHash
+from kvqueue.gpu.hashing import BLOCK_SIZE
 from kvqueue.gpu.latency import LatencyModel
 from kvqueue.gpu.request import Request
 from kvqueue.gpu.step_cost import StepShape, chunk_attention
@@ -166,11 +166,13 @@ class PredictiveTtft:
         room = (1.0 - load.engine_kv_usage) * load.capacity_blocks
         ahead = self.queued_prefill_tokens(view, worker)[1] / BLOCK_SIZE
 
-        def survives(block: BlockHash) -> bool:
-            since = view.blocks_since_use(worker, block)
+        since_use = view.since_use_along(worker, request.block_hashes)
+
+        def survives(position: int) -> bool:
+            since = since_use(position)
             return since is None or since + ahead < room
 
-        return leading_run(request.block_hashes[:matched], survives, known=safe)
+        return leading_run(range(matched), survives, known=safe)
 
     def _batch(self, view: RouterView, worker: str) -> tuple[int, int]:
         """(decoding requests B, their summed context K) on `worker`."""
