@@ -250,3 +250,27 @@ def test_a_burst_workloads_own_run_is_its_saturation_first_try() -> None:
     assert len(workload) not in sizes  # the first try was not simulated again
     for name in ("round_robin", "cache_aware"):
         assert reused[name].to_dict() == again[name].to_dict()
+
+
+def test_a_live_batched_runs_dashboard_is_judged_by_its_own_busy_time_bound() -> None:
+    """Nothing measures a live batching cluster's capacity: its dashboard takes the bound its
+    run settles (offered below it: not overloaded), and leaves a burst's capacity unknown."""
+    rate = 0.5
+    timed = retime(make_workload("no-sharing", 16, seed=1), "poisson", rate, seed=1)
+    results = simulate(timed, "round_robin", 2, engine=BATCHED)
+    meta = {"engine": "batched", "arrivals": "poisson", "rate_rps": rate}
+
+    dashboard = build_dashboard({"round_robin": results}, timed, worker_names(2), meta)
+
+    verdict = load_verdicts(dashboard)["round_robin"]
+    bound = busy_time_bound_rps(results, 2)
+    assert rate < bound
+    assert (verdict.basis, verdict.capacity_rps) == (BOUNDED, bound)
+    assert not verdict.overloaded and verdict.load == pytest.approx(rate / bound)
+
+    burst = retime(timed, "asap")
+    burst_results = simulate(burst, "round_robin", 2, engine=BATCHED)
+    at_once = build_dashboard(
+        {"round_robin": burst_results}, burst, worker_names(2), {"engine": "batched"}
+    )
+    assert load_verdicts(at_once)["round_robin"].capacity_rps is None

@@ -18,8 +18,10 @@ The same shape for simulated and live runs, so analysis scripts and plots read e
 ``load`` is `kvqueue.report.capacity.LoadVerdict.to_dict()`: the offered rate (the Poisson
 rate of the metadata, else from the arrival times; None for a burst), the capacity — measured
 by a saturating burst where the caller measured one (`kvqueue simulate` does on the batched
-engine), else estimated from the strategy's own busy time on the sequential engine, else
-unknown (`kvqueue.report.capacity`) — their ratio and whether the run was overloaded.
+engine), else estimated from the strategy's own busy time on the sequential engine, else, on a
+batching engine, bounded below by its busy time when the run offered less than that bound
+(a live batched run), else unknown (`kvqueue.report.capacity`) — their ratio and whether the
+run was overloaded.
 
 The ideal hit rate is an upper bound on every strategy's block hit rate: a worker only holds
 blocks stored by requests that arrived before (its queue is FIFO), and one infinite cache
@@ -54,6 +56,7 @@ from kvqueue.report.capacity import (
     offered_rate_rps,
     overload_line,
     run_capacity_rps,
+    settle_from_run,
 )
 from kvqueue.report.engine_metrics import sequential_stats, summarize_engines
 from kvqueue.report.metrics import ideal_hit_rate, ratio, summarize
@@ -136,7 +139,10 @@ def _verdict(
     engine: str,
 ) -> LoadVerdict:
     """The run against its measured capacity or bound, else its busy-time estimate (module
-    docstring)."""
+    docstring). A batching run given no capacity (a live one: nothing measured it) is judged
+    by the bound its own run settles when it can (`settle_from_run`), else left unknown."""
+    if capacity is None and engine != "sequential":
+        capacity = settle_from_run(results, num_workers, offered_rps)
     if capacity is not None:
         return capacity.verdict(offered_rps, num_requests, num_workers)
     estimate = run_capacity_rps(results, num_workers, engine)
