@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import orjson
 import pytest
 from rq import Callback, Queue
 from rq.serializers import JSONSerializer
 
-from kvqueue.live.jobs import JOB_FUNCTION, JOB_FUNCTIONS, SNAPSHOT_FUNCTION, JobRefused, KVJob
+from kvqueue.gpu.hashing import hash_token_blocks
+from kvqueue.gpu.request import Request
+from kvqueue.live.jobs import (
+    JOB_FUNCTION,
+    JOB_FUNCTIONS,
+    SNAPSHOT_FUNCTION,
+    JobContext,
+    JobRefused,
+    KVJob,
+)
 from kvqueue.live.jobs import refusal as refusal_of
 from kvqueue.live.worker import cache_snapshot, serve_request
 
@@ -46,3 +58,26 @@ def test_any_other_function_is_refused_before_it_is_resolved(
     with pytest.raises(JobRefused, match=why.replace("(", r"\(").replace(")", r"\)")):
         job.func  # noqa: B018 - resolving it is what must fail
     assert (job.success_callback, job.failure_callback, job.stopped_callback) == (None,) * 3
+
+
+def make_context(num_tokens: int = 576, max_tokens: int | None = 32) -> JobContext:
+    tokens = tuple(range(1000, 1000 + num_tokens))
+    request = Request("r-1", num_tokens, tuple(hash_token_blocks(tokens)), max_tokens, 12.5, tokens)
+    return JobContext(request, "run-1", "cache_aware", 1.5, 1.0, 608, 0.0, 495.0, 1)
+
+
+def test_a_job_carries_its_hashes_as_one_base64_string_and_no_token_ids() -> None:
+    context = make_context()
+    wire = orjson.loads(orjson.dumps(context.to_wire()))
+    back = JobContext.from_wire(wire)
+
+    assert isinstance(wire["block_hashes"], str) and "token_ids" not in wire
+    assert back == replace(context, request=replace(context.request, token_ids=None))
+    assert len(orjson.dumps(wire)) < 2_000  # 36 hashes (1,152 bytes) of a 576-token prompt
+
+
+def test_token_ids_travel_for_a_decode_model_and_for_a_prompt_without_a_full_block() -> None:
+    context, short = make_context(), make_context(num_tokens=10, max_tokens=None)
+
+    assert JobContext.from_wire(context.to_wire(with_token_ids=True)) == context
+    assert JobContext.from_wire(short.to_wire()) == short

@@ -35,10 +35,11 @@ from kvqueue import keys
 from kvqueue.config import Settings
 from kvqueue.errors import KVQueueError, RequestRejected
 from kvqueue.gpu.batched_gpu import BatchedGpu
-from kvqueue.gpu.oracle import make_oracle
+from kvqueue.gpu.oracle import FallbackOracle, make_oracle
 from kvqueue.gpu.results import RequestResult, RequestStatus
 from kvqueue.gpu.simulated_gpu import Execution, SimulatedGpu
 from kvqueue.live.jobs import JobContext
+from kvqueue.live.pipelines import pipeline
 from kvqueue.live.recovery import Recovery
 from kvqueue.live.retry import REDIS_OUTAGE_ERRORS, retry_through_outages
 from kvqueue.live.runs import ResultWriter
@@ -87,6 +88,8 @@ class GpuRuntime:
         engine = settings.engine_config()
         preset = settings.gpu_preset()
         oracle = make_oracle(settings.decode_model)
+        # A decode-length model reads the prompt's tokens: the producer sends them only then.
+        self.needs_token_ids = not isinstance(oracle, FallbackOracle)
         self.engine = engine.engine
         self.gpu: SimulatedGpu | BatchedGpu
         if engine.is_batched:
@@ -217,8 +220,21 @@ class GpuRuntime:
 
     # -- one job -------------------------------------------------------------------------
     def serve(self, job_id: str, context: JobContext) -> RequestResult | None:
-        """Serve one request end to end; None if it already had a result (nothing served)."""
-        admission = self.begin(job_id, context)
+        """Serve one request end to end; None if it already had a result (nothing served).
+
+        When no emulated time passes (time scale 0) the admission's cache events go out with
+        the result, in `finish`'s round trip, the lock held throughout: a snapshot sees the
+        request's blocks together with its result, or neither.
+        """
+        if context.time_scale > 0:
+            return self._serve(job_id, context, publish_at_start=True)
+        with self._lock:
+            return self._serve(job_id, context, publish_at_start=False)
+
+    def _serve(
+        self, job_id: str, context: JobContext, publish_at_start: bool
+    ) -> RequestResult | None:
+        admission = self.begin(job_id, context, publish_at_start)
         if admission is None:
             return None
         if admission.result is not None:
@@ -236,11 +252,15 @@ class GpuRuntime:
         self.finish(job_id, result)
         return result
 
-    def begin(self, job_id: str, context: JobContext) -> Admission | None:
+    def begin(
+        self, job_id: str, context: JobContext, publish_events: bool = True
+    ) -> Admission | None:
         """Count the job for this generation and admit its request to the GPU.
 
         None if the request already has a result (its producer gave up, or a reaper settled
-        it): the job's load is released and nothing is served. Raises `Superseded`.
+        it): the job's load is released and nothing is served. Raises `Superseded`. Without
+        `publish_events` the admission's cache events wait for `finish` (the caller holds
+        the lock until then).
         """
         started = time.time()
         request = context.request
@@ -276,8 +296,9 @@ class GpuRuntime:
                         **base,
                     ),
                 )
-            events = self.gpu.take_events()
-            self._retry(lambda: self.index.publish_events(self.name, events), job_id)
+            if publish_events:
+                events = self.gpu.take_events()
+                self._retry(lambda: self.index.publish_events(self.name, events), job_id)
             return Admission(started, execution, used_blocks=self.gpu.cache.num_used_slots)
 
     def finish(self, job_id: str, result: RequestResult) -> None:
@@ -289,7 +310,7 @@ class GpuRuntime:
             output = result.decode_tokens if completed else None
 
             def publish() -> None:
-                pipe = self.client.pipeline(transaction=True)
+                pipe = pipeline(self.client, transaction=True)
                 if events:
                     self.index.publish_events(self.name, events, pipeline=pipe)
                 self.state.release(self.name, job_id, used, output, pipeline=pipe)
@@ -324,7 +345,7 @@ class GpuRuntime:
 
     # -- Redis helpers -------------------------------------------------------------------
     def _start_job(self, job_id: str, context: JobContext) -> tuple[bool, StartStatus]:
-        pipe = self.client.pipeline(transaction=False)
+        pipe = pipeline(self.client, transaction=False)
         self.results.reported(context.run_id, [context.request.request_id], pipeline=pipe)
         self.membership.start_job(self.name, self.generation, job_id, context.record(), pipe)
         (reported,), status = pipe.execute()
@@ -347,6 +368,7 @@ class GpuRuntime:
                 "evictions": cache.stats.num_evictions,
                 "pid": self.pid,
                 "generation": self.generation,
+                "needs_token_ids": int(self.needs_token_ids),
                 **self.settings.engine_config().describe(self.gpu.preset),
                 **self.serving_info,
             },
