@@ -12,6 +12,7 @@ from rq.serializers import JSONSerializer
 from kvqueue.gpu.hashing import hash_token_blocks
 from kvqueue.gpu.request import Request
 from kvqueue.live.jobs import (
+    CLEAR_FUNCTION,
     JOB_FUNCTION,
     JOB_FUNCTIONS,
     SNAPSHOT_FUNCTION,
@@ -20,7 +21,7 @@ from kvqueue.live.jobs import (
     KVJob,
 )
 from kvqueue.live.jobs import refusal as refusal_of
-from kvqueue.live.worker import cache_snapshot, serve_request
+from kvqueue.live.worker import cache_snapshot, clear_cache, serve_request
 
 
 @pytest.fixture
@@ -29,14 +30,16 @@ def queue(fake_redis) -> Queue:
 
 
 def test_kvqueues_job_functions_are_the_only_ones_and_resolve_to_themselves(queue) -> None:
-    assert {JOB_FUNCTION, SNAPSHOT_FUNCTION} == JOB_FUNCTIONS
+    assert {JOB_FUNCTION, SNAPSHOT_FUNCTION, CLEAR_FUNCTION} == JOB_FUNCTIONS
     served = KVJob.fetch(queue.enqueue(JOB_FUNCTION, {}).id, connection=queue.connection,
                          serializer=JSONSerializer)  # fmt: skip
     snapshot = KVJob.fetch(queue.enqueue(SNAPSHOT_FUNCTION).id, connection=queue.connection,
                            serializer=JSONSerializer)  # fmt: skip
+    clear = KVJob.fetch(queue.enqueue(CLEAR_FUNCTION).id, connection=queue.connection,
+                        serializer=JSONSerializer)  # fmt: skip
 
-    assert (refusal_of(served), refusal_of(snapshot)) == (None, None)
-    assert (served.func, snapshot.func) == (serve_request, cache_snapshot)
+    assert (refusal_of(served), refusal_of(snapshot), refusal_of(clear)) == (None, None, None)
+    assert (served.func, snapshot.func, clear.func) == (serve_request, cache_snapshot, clear_cache)
 
 
 @pytest.mark.parametrize(

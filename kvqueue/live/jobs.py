@@ -24,7 +24,8 @@ from kvqueue.routing.membership import JobRecord
 
 JOB_FUNCTION = "kvqueue.live.worker.serve_request"
 SNAPSHOT_FUNCTION = "kvqueue.live.worker.cache_snapshot"
-JOB_FUNCTIONS = frozenset({JOB_FUNCTION, SNAPSHOT_FUNCTION})
+CLEAR_FUNCTION = "kvqueue.live.worker.clear_cache"
+JOB_FUNCTIONS = frozenset({JOB_FUNCTION, SNAPSHOT_FUNCTION, CLEAR_FUNCTION})
 
 
 class JobRefused(KVQueueError, PermissionError):

@@ -327,6 +327,26 @@ class GpuRuntime:
         self.finish(job_id, result)
         return result
 
+    def clear_cache(self) -> dict[str, Any]:
+        """Drop every cached block and announce `cleared`, so the router's index forgets this
+        worker's blocks. Only between jobs: no request may hold blocks (`BlockCache.clear`).
+        What `clear_cache` answers: the worker and how many cached blocks it dropped."""
+        with self._lock:
+            cache = self.gpu.cache
+            num_cleared = cache.num_cached_blocks
+            cache.clear()
+            events = self.gpu.take_events()
+
+            def publish() -> None:
+                pipe = pipeline(self.client, transaction=True)
+                self.index.publish_events(self.name, events, pipeline=pipe)
+                self._write_info(pipe)
+                pipe.execute()
+
+            self._retry(publish, "clear")
+        log.info("%s: cleared %d cached blocks on request", self.name, num_cleared)
+        return {"worker": self.name, "cleared_blocks": num_cleared}
+
     def cached_hashes(self) -> list[str]:
         with self._lock:
             return sorted(h.hex() for h in self.gpu.cache.cached_hashes())

@@ -5,7 +5,8 @@ its process memory. RQ's default worker forks a fresh process per job, which wou
 every request on an empty cache; so the job function `serve_request` refuses to run anywhere
 but inside the `KVWorker` process that owns the GPU, and says which `-w` to use.
 
-Only kvqueue's job functions run here (`JOB_FUNCTIONS`: `serve_request`, `cache_snapshot`):
+Only kvqueue's job functions run here (`JOB_FUNCTIONS`: `serve_request`, `cache_snapshot`,
+`clear_cache`):
 the worker's job class (`KVJob`) refuses any other name before importing it, and the refused
 job fails in RQ with the reason. Jobs use RQ's JSON serializer, never pickle.
 
@@ -66,6 +67,7 @@ __all__ = [
     "JOB_FUNCTION",
     "KVWorker",
     "cache_snapshot",
+    "clear_cache",
     "serve_request",
 ]
 
@@ -121,6 +123,16 @@ def cache_snapshot() -> dict[str, Any]:
     if runtime is None:
         raise RuntimeError("cache_snapshot must run inside a KV worker process")
     return runtime.snapshot_reply()
+
+
+def clear_cache() -> dict[str, Any]:
+    """RQ job function: empty this worker's cache and announce `cleared` (a run that must not
+    start on warm caches, `--reset-caches`). Queued like any request, so it runs after every
+    request queued before it, when none holds a block."""
+    runtime = _own_runtime()
+    if runtime is None:
+        raise RuntimeError("clear_cache must run inside a KV worker process")
+    return runtime.clear_cache()
 
 
 def _publish_orphan_failure(job: Job, context: JobContext, queue: str, reason: str) -> None:
