@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import orjson
 import pytest
-from live_support import EVERY_ENGINE, Lab, events_by_worker
+from live_support import EVERY_ENGINE, Lab, cache_snapshot, events_by_worker
 
 from kvqueue import keys
 from kvqueue.gpu.events import AllBlocksCleared
-from kvqueue.live.caches import warm_blocks
+from kvqueue.gpu.results import RequestStatus
+from kvqueue.live.caches import reset_caches, warm_blocks
+from kvqueue.live.run import run_live
+from kvqueue.live.waiting import wait_for_results
+from kvqueue.workloads.synthetic import make_workload
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
@@ -55,3 +59,17 @@ def test_a_second_run_on_warm_caches_is_warned_and_a_reset_restores_the_first_hi
     for worker in workers:
         # Each announced `cleared` once for the reset, after its start-up snapshot's.
         assert sum(isinstance(e, AllBlocksCleared) for e in events[worker]) == 2
+
+
+@EVERY_ENGINE
+def test_a_reset_queued_behind_a_run_waits_for_it_and_leaves_an_empty_cache(lab: Lab) -> None:
+    workers = lab.cluster(1).workers
+    requests = make_workload("shared-prefix-tiny")
+    run = run_live(lab.client, lab.settings(), requests, wait=False, progress=False)
+
+    cleared = reset_caches(lab.client, workers)  # queued behind the run's jobs
+    results = wait_for_results(lab.client, run.sent.run_id, run.sent.job_ids, lab.prefix)
+
+    assert [r.status for r in results] == [RequestStatus.COMPLETED] * len(requests)
+    assert cleared["worker-0"] > 0
+    assert cache_snapshot(lab.client, "worker-0")["cached"] == []
