@@ -71,15 +71,15 @@ def run_live(
             "cleared %s cached blocks on %d workers", f"{sum(cleared.values()):,}", len(workers)
         )
     warm = warm_blocks(client, workers, settings.key_prefix)
-    warning = warm_cache_warning(warm, producer.run_id)
-    if warning:
-        log.warning(warning)
     meta = {
         **(meta or {}),
         "cached_blocks_at_start": sum(warm.values()),
         "caches_reset": reset_caches,
     }
     producer.start_run(requests, meta)  # before any progress bar: a refusal is one line
+    warning = warm_cache_warning(warm, producer.run_id)
+    if warning:
+        log.warning(warning)
     label = producer.strategy
     with progress_reporter(len(requests), f"{label} sent", progress) as advance:
         sent = producer.send(requests, meta, on_sent=lambda: advance(1))

@@ -34,6 +34,11 @@ worker is idle, and hands the worker one job at a time (`execute_job`).
 
 A process starting under a name first puts back at the head of its queue any job an earlier
 process of that name took but never started (`REQUEUE_TAKEN`).
+
+RQ's bookkeeping of the worker itself is thinned where it repeats: its heartbeat of the worker
+key and its check for `rq suspend` run at most once a second (RQ would run them before and
+after every dequeue), and a state the worker just wrote is not written again. Per job, RQ's
+dequeue, execution record, job status and result stay as RQ writes them.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 from rq import Queue, SimpleWorker, get_current_job
@@ -78,6 +84,8 @@ FORKED_WORKER_MESSAGE = (
 )
 
 _RUNTIME: GpuRuntime | None = None
+
+RQ_CHECK_INTERVAL_S = 1.0  # RQ's worker heartbeat and suspension check, at most this often
 
 
 def _own_runtime() -> GpuRuntime | None:
@@ -177,6 +185,9 @@ class KVWorker(SimpleWorker):
         self.settings = Settings.from_env()  # a bad setting raises before RQ registers anything
         self.runtime: GpuRuntime | None = None
         self.serving: BatchedServing | None = None
+        self._heartbeat_sent = -RQ_CHECK_INTERVAL_S  # monotonic time of RQ's last heartbeat
+        self._suspension_checked = -RQ_CHECK_INTERVAL_S
+        self._state_written: str | None = None  # RQ's state as this worker last wrote it
 
     def register_birth(self) -> None:
         settings = self.settings
@@ -252,24 +263,54 @@ class KVWorker(SimpleWorker):
         runtime = self.runtime
         return runtime.jobs_begun if runtime is not None else 0
 
-    def heartbeat(self, *args: Any, **kwargs: Any) -> None:
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        """RQ's worker heartbeat, at most once per `RQ_CHECK_INTERVAL_S` on its own.
+
+        RQ heartbeats the worker key before and after each dequeue and after each job — six
+        round trips a job — to keep a TTL of minutes (`worker_ttl` + 60 s). Once a second
+        keeps it as well; a heartbeat with a TTL of its own or on a pipeline always goes.
+        """
+        moment = time.monotonic()
+        if (
+            timeout is None
+            and pipeline is None
+            and moment - self._heartbeat_sent < RQ_CHECK_INTERVAL_S
+        ):
+            return
         try:
-            super().heartbeat(*args, **kwargs)
+            super().heartbeat(timeout, pipeline=pipeline)
         except REDIS_OUTAGE_ERRORS as exc:
             log.warning("%s: RQ heartbeat failed: %s", self.gpu_name, exc)
+        else:
+            self._heartbeat_sent = moment
 
     def set_state(self, state: str, pipeline: Any = None) -> None:
+        """RQ's worker state; a state this worker itself just wrote is not written again
+        (RQ writes ``idle`` after each job and again entering its dequeue loop)."""
+        if pipeline is None and state == self._state_written:
+            return
+        self._state_written = None  # unknown until written
         # RQ marks itself idle on entering its dequeue loop, outside that loop's own retries.
         try:
             super().set_state(state, pipeline=pipeline)
         except REDIS_OUTAGE_ERRORS as exc:
             log.warning("%s: could not record RQ state %s: %s", self.gpu_name, state, exc)
+        else:
+            if pipeline is None:
+                self._state_written = state
 
     def check_for_suspension(self, burst: bool) -> None:
+        """RQ's check for `rq suspend`, before each dequeue: at most once per
+        `RQ_CHECK_INTERVAL_S` (a suspension takes effect within a second, between jobs)."""
+        moment = time.monotonic()
+        if not burst and moment - self._suspension_checked < RQ_CHECK_INTERVAL_S:
+            return
         try:
             super().check_for_suspension(burst)
         except REDIS_OUTAGE_ERRORS as exc:
             log.warning("%s: could not check for suspension: %s", self.gpu_name, exc)
+        else:
+            self._suspension_checked = moment
 
     def run_maintenance_tasks(self) -> None:
         try:
