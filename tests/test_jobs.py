@@ -84,3 +84,20 @@ def test_token_ids_travel_for_a_decode_model_and_for_a_prompt_without_a_full_blo
 
     assert JobContext.from_wire(context.to_wire(with_token_ids=True)) == context
     assert JobContext.from_wire(short.to_wire()) == short
+
+
+def test_a_queued_kvjob_stores_no_empty_field_and_reads_back_the_same(queue) -> None:
+    job = queue.enqueue_call(JOB_FUNCTION, args=({"request_id": "r-1"},), description="r-1")
+    stored = queue.connection.hgetall(job.key)
+    back = KVJob.fetch(job.id, connection=queue.connection, serializer=JSONSerializer)
+
+    assert b"" not in stored.values()
+    assert b"started_at" not in stored and b"success_callback_name" not in stored
+    assert (back.args, back.description, back.get_status(), back.worker_name, back.started_at) == (
+        [{"request_id": "r-1"}],  # JSON: a list
+        "r-1",
+        "queued",
+        None,
+        None,
+    )
+    assert refusal_of(back) is None
