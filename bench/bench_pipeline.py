@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                     client, args.redis_url, requests, args.scaled_workers, args.scale, args.strategy
                 )
             )
-        memory = queued_memory(client, args.redis_url, requests, max(worker_counts), args.strategy)
+        memory = queued_memory(client, args.redis_url, requests, args.memory_workers, args.strategy)
     finally:
         client.flushdb()
 
