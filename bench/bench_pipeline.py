@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.workload}, {len(requests)} requests, {args.strategy}; "
             f"{os.cpu_count()} cores, load average {load_before:.1f}"
         )
-        plot(rows, baseline, args.plot, title)
+        plot(rows[1:], baseline, args.plot, title)
         print(f"\nplot: {args.plot}")
     return 0
 

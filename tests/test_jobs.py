@@ -9,6 +9,8 @@ import pytest
 from rq import Callback, Queue
 from rq.serializers import JSONSerializer
 
+from kvqueue import keys
+from kvqueue.config import Settings
 from kvqueue.gpu.hashing import hash_token_blocks
 from kvqueue.gpu.request import Request
 from kvqueue.live.jobs import (
@@ -21,7 +23,10 @@ from kvqueue.live.jobs import (
     KVJob,
 )
 from kvqueue.live.jobs import refusal as refusal_of
+from kvqueue.live.producer import Producer
 from kvqueue.live.worker import cache_snapshot, clear_cache, serve_request
+from kvqueue.routing.membership import RedisMembership
+from kvqueue.workloads.synthetic import make_workload
 
 
 @pytest.fixture
@@ -101,3 +106,20 @@ def test_a_queued_kvjob_stores_no_empty_field_and_reads_back_the_same(queue) -> 
         None,
     )
     assert refusal_of(back) is None
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(("needs", "sent"), [(0, False), (1, True)])
+def test_the_producer_sends_token_ids_only_to_workers_whose_decode_model_reads_them(
+    redis_client, needs: int, sent: bool
+) -> None:
+    settings = Settings(redis_url="redis://unused", time_scale=0.0, strategy="round_robin")
+    RedisMembership(redis_client, settings.key_prefix).register("worker-0", 924)
+    redis_client.hset(keys.worker_info("worker-0", settings.key_prefix), "needs_token_ids", needs)
+    (request,) = make_workload("shared-prefix-tiny", num_requests=1)
+    Producer(redis_client, settings, run_id="tokens").send([request])
+
+    (job,) = Queue("worker-0", connection=redis_client, job_class=KVJob,
+                   serializer=JSONSerializer).get_jobs()  # fmt: skip
+    assert ("token_ids" in job.args[0]) is sent
+    assert JobContext.from_wire(job.args[0]).request.block_hashes == request.block_hashes
