@@ -18,8 +18,15 @@ Redis (with its backoff capped at `max_connection_wait_time`).
 signals (warm and cold shutdown), suspension, maintenance and the blocking dequeue while the
 worker is idle, and hands the worker one job at a time (`execute_job`).
 
-- ``sequential``: RQ's `SimpleWorker` path, unchanged — `perform_job` runs `serve_request`,
-  which serves the one request to its end; RQ marks the job started, then finished or failed.
+- ``sequential``: one request at a time, to its end. For a request job (`serve_request`,
+  readable and not refused) `execute_job` calls the runtime itself, and RQ's bookkeeping of
+  the job — the same writes RQ's `prepare_execution`, `prepare_job_execution` and
+  `handle_job_success`/`_failure` make: an `Execution`, status ``started`` then
+  ``finished`` with the return value (or ``failed``), the registries, the worker's counters
+  and state — travels in the job's two round trips (`rq_jobs.OneJob`) instead of nine of
+  its own. Any other job (`cache_snapshot`, `clear_cache`, a refused or unreadable one)
+  takes RQ's `SimpleWorker` path, `perform_job`; `serve_request` runs there too when a
+  job's payload is not kvqueue's, and outside a KV worker it refuses to serve.
 - ``batched``: many jobs are in service at once, which `SimpleWorker` cannot express, so
   `execute_job` hands the dequeued job to `kvqueue.live.batched_serving.BatchedServing`,
   which keeps stepping the engine — taking newly queued jobs at every step boundary,
@@ -53,6 +60,7 @@ from typing import Any
 from rq import Queue, SimpleWorker, get_current_job
 from rq.job import Job
 from rq.serializers import JSONSerializer
+from rq.worker import WorkerStatus
 
 from kvqueue.config import Settings
 from kvqueue.errors import AccessDeniedError
@@ -60,8 +68,9 @@ from kvqueue.live import scripts
 from kvqueue.live.batched_serving import BatchedServing
 from kvqueue.live.connection import check_access
 from kvqueue.live.jobs import JOB_FUNCTION, JobContext, KVJob, refusal
+from kvqueue.live.pipelines import pipeline
 from kvqueue.live.retry import REDIS_OUTAGE_ERRORS, RETRY_CAP_S, retry_through_outages
-from kvqueue.live.rq_jobs import ConcurrentJobs
+from kvqueue.live.rq_jobs import ConcurrentJobs, OneJob
 from kvqueue.live.runs import ResultWriter
 from kvqueue.live.runtime import GpuRuntime, Superseded
 from kvqueue.routing.state import RedisRouterState
@@ -143,6 +152,15 @@ def clear_cache() -> dict[str, Any]:
     return runtime.clear_cache()
 
 
+def _ended_in_rq(runtime: GpuRuntime, rq_end: list, result: Any) -> None:
+    """A superseded process's job: its failure appended (the first result wins) and its RQ
+    job failed, in one round trip."""
+    pipe = pipeline(runtime.client, transaction=True)
+    runtime.results.append(result, pipeline=pipe)
+    pipe.command_stack.extend(rq_end)
+    pipe.execute()
+
+
 def _publish_orphan_failure(job: Job, context: JobContext, queue: str, reason: str) -> None:
     settings = Settings.from_env()
     result = context.failure(queue, reason)
@@ -185,6 +203,7 @@ class KVWorker(SimpleWorker):
         self.settings = Settings.from_env()  # a bad setting raises before RQ registers anything
         self.runtime: GpuRuntime | None = None
         self.serving: BatchedServing | None = None
+        self.one_at_a_time: ConcurrentJobs | None = None  # RQ's bookkeeping, sequential engine
         self._heartbeat_sent = -RQ_CHECK_INTERVAL_S  # monotonic time of RQ's last heartbeat
         self._suspension_checked = -RQ_CHECK_INTERVAL_S
         self._state_written: str | None = None  # RQ's state as this worker last wrote it
@@ -213,6 +232,8 @@ class KVWorker(SimpleWorker):
         if self.runtime.engine == "batched":
             jobs = ConcurrentJobs(self, queue)
             self.serving = BatchedServing(self, self.runtime, jobs, lambda: self._stop_requested)
+        else:
+            self.one_at_a_time = ConcurrentJobs(self, queue)
 
     def register_death(self) -> None:
         if self.runtime is not None:
@@ -247,6 +268,8 @@ class KVWorker(SimpleWorker):
         if self.serving is not None:
             self.serving.serve(job)
             return
+        if self._serve_lean(job):
+            return
         while True:
             began = self._served_jobs
             try:
@@ -257,6 +280,31 @@ class KVWorker(SimpleWorker):
                 retry_through_outages(self.connection.ping, f"{self.gpu_name}: reconnect", log)
                 if self._served_jobs != began or refusal(job) is not None:
                     return
+
+    def _serve_lean(self, job: Job) -> bool:
+        """Serve a request job of the sequential engine with RQ's bookkeeping in kvqueue's
+        own round trips (`OneJob`); False for any other job, which RQ's path runs."""
+        runtime, jobs = self.runtime, self.one_at_a_time
+        if runtime is None or jobs is None or refusal(job) is not None:
+            return False
+        if job.func_name != JOB_FUNCTION:
+            return False
+        try:
+            context = JobContext.from_wire(job.args[0])
+        except Exception:  # RQ's path fails it with the error, as for any unreadable job
+            return False
+        rq = OneJob(jobs, job)
+        try:
+            runtime.serve(job.id, context, rq)
+        except Superseded as exc:
+            failure = context.failure(runtime.name, str(exc))
+            rq_end = rq.failed(str(exc))
+            runtime._retry(lambda: _ended_in_rq(runtime, rq_end, failure), job.id)
+        except Exception as exc:
+            log.exception("%s: job %s failed", self.gpu_name, job.id)
+            runtime.fail(job.id, context, f"{type(exc).__name__}: {exc}", rq)
+        self._state_written = WorkerStatus.IDLE  # the job's last round trip wrote it
+        return True
 
     @property
     def _served_jobs(self) -> int:
