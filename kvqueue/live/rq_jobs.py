@@ -190,7 +190,8 @@ class OneJob:
         self.jobs = jobs
         self.job = job
         self._start: Commands | None = None
-        self._end: Commands | None = None
+        self._finished: Commands | None = None
+        self._failed: Commands | None = None
 
     def start(self) -> Commands:
         """The job started: its execution, status ``started``, the worker ``busy``."""
@@ -207,15 +208,17 @@ class OneJob:
 
     def finished(self, return_value: Any) -> Commands:
         """The job succeeded with `return_value`; the worker ``idle``."""
-        if self._end is None:
-            self._end = self._ending(lambda pipe: self.jobs.finish(self.job, return_value, pipe))
-        return self._end
+        if self._finished is None:
+            self._finished = self._ending(
+                lambda pipe: self.jobs.finish(self.job, return_value, pipe)
+            )
+        return self._finished
 
     def failed(self, exc_string: str) -> Commands:
         """The job failed with `exc_string`; the worker ``idle``."""
-        if self._end is None:
-            self._end = self._ending(lambda pipe: self.jobs.fail(self.job, exc_string, pipe))
-        return self._end
+        if self._failed is None:
+            self._failed = self._ending(lambda pipe: self.jobs.fail(self.job, exc_string, pipe))
+        return self._failed
 
     def _ending(self, end: Any) -> Commands:
         worker = self.jobs.worker
