@@ -1,6 +1,6 @@
 """Live-pipeline overhead per request and requests/s, against a no-op RQ baseline.
 
-For each worker count in ``--workers`` (default 1, 2, 4) a fresh `LocalCluster` of real
+For each worker count in ``--workers`` (default 1, 2, 4, 8) a fresh `LocalCluster` of real
 ``rq worker -w workers.KVWorker`` processes serves a synthetic workload sent by `run_live`
 (as fast as possible, strategy ``--strategy``), at ``KVQ_TIME_SCALE=0`` — no emulated sleep,
 so everything measured is pipeline cost — and once more at ``--scale`` (default 0.01) with
@@ -21,7 +21,17 @@ Definitions (N requests, W workers, time scale s, wall clock):
 - ``cycle p50``: median, over consecutive jobs of one worker where the second was already
   queued when the first ended, of ``started_at(next) − started_at(prev)`` minus prev's sleep:
   the whole per-job cost of a busy worker (RQ's dequeue and bookkeeping plus kvqueue's work);
-- ``sent``: seconds until the producer had enqueued the last request (RQ ``enqueued_at``).
+- ``sent``: seconds until the producer had enqueued the last request (RQ ``enqueued_at``);
+- ``worker CPU/req``: the CPU time (user + system, ``/proc/<pid>/stat``) of every worker
+  process over the run, ÷ N: the worker time a request costs whatever else shares the cores;
+  ``producer CPU/req``: this process's CPU time over `run_live` (routing, enqueueing and
+  waiting for the results), ÷ N; ``redis CPU/req``: redis-server's (``INFO cpu``), ÷ N.
+
+Then Redis memory per queued request: ``--memory-workers`` (default 2) workers registered
+without processes (nothing is dequeued), the workload sent by the `Producer`, and
+``INFO memory``'s ``used_memory`` before and after, ÷ N, split by key family with ``MEMORY
+USAGE`` (each family's keys summed, ÷ N): everything a request leaves in Redis while it
+waits in its queue.
 
 Baseline, measured in this process first: N trivial no-op jobs (``os.getpid``) enqueued one
 by one on a queue with RQ's JSON serializer, then served by an in-process `SimpleWorker`
@@ -31,8 +41,10 @@ the row's req/s ÷ the baseline's jobs/s.
 
 Usage::
 
-    python bench/bench_pipeline.py [--num-requests 400] [--workers 1,2,4] [--scale 0.01]
-        [--redis-url redis://127.0.0.1:6379/11] [--quick]
+    python bench/bench_pipeline.py [--num-requests 400] [--workers 1,2,4,8] [--scale 0.01]
+        [--redis-url redis://127.0.0.1:6379/11] [--plot PATH] [--quick]
+
+With ``--plot`` the time-scale-0 rows are drawn as requests/s against workers (PNG).
 
 The db of ``--redis-url`` is flushed before each measurement and at the end.
 """
@@ -65,14 +77,17 @@ from kvqueue.gpu.request import Request
 from kvqueue.gpu.results import RequestResult, RequestStatus
 from kvqueue.live.cluster import LocalCluster
 from kvqueue.live.connection import connect, redact
+from kvqueue.live.producer import Producer, job_id_for
 from kvqueue.live.run import run_live
 from kvqueue.report.run_summary import run_summary
+from kvqueue.routing.membership import RedisMembership
 from kvqueue.workloads.synthetic import WORKLOADS, make_workload
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/11"
 BENCH_PREFIX = keys.DEFAULT_PREFIX  # the db is dedicated: real key sizes
 BASELINE_QUEUE = "bench-noop"
 QUICK = {"num_requests": 40, "workers": "1", "scaled_workers": 0}
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # /proc/<pid>/stat counts CPU time in these
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +112,9 @@ class Row:
     in_job_ms: float
     cycle_ms: float | None
     hit_rate: float | None
+    worker_cpu_s: float | None = None  # Σ over the worker processes
+    producer_cpu_s: float | None = None
+    redis_cpu_s: float | None = None
 
     @property
     def rate(self) -> float:
@@ -105,6 +123,22 @@ class Row:
     @property
     def overhead_ms(self) -> float:
         return (self.wall_s * self.num_workers - self.service_sleep_s) / self.num_requests * 1e3
+
+
+def cpu_ms_per_request(cpu_s: float | None, num_requests: int) -> str:
+    return "-" if cpu_s is None else f"{cpu_s / num_requests * 1e3:.2f}"
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux ``/proc/<pid>/stat``)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+def redis_cpu_s(client: redis.Redis) -> float:
+    cpu = client.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
 def epoch(moment: datetime | None) -> float:
@@ -162,8 +196,12 @@ def measure_baseline(client: redis.Redis, num_jobs: int) -> Row:
     queue = Queue(BASELINE_QUEUE, connection=client, serializer=JSONSerializer)
     job_ids = [queue.enqueue_call("os.getpid", result_ttl=3600).id for _ in range(num_jobs)]
     worker = SimpleWorker([queue], connection=client, serializer=JSONSerializer)
+    server_cpu = redis_cpu_s(client)
+    own_cpu = time.process_time()
     started = time.time()
     worker.work(burst=True, logging_level="WARNING")
+    own_cpu = time.process_time() - own_cpu
+    server_cpu = redis_cpu_s(client) - server_cpu
     times = job_times(client, job_ids, [0.0] * num_jobs)
     # Up to the last job's end: RQ's burst teardown (joining its pubsub thread, up to 1 s)
     # is not per-job cost.
@@ -180,6 +218,9 @@ def measure_baseline(client: redis.Redis, num_jobs: int) -> Row:
         in_job_ms(times),
         cycle_ms(times),
         None,
+        own_cpu,  # the in-process worker's (its burst teardown included)
+        None,
+        server_cpu,
     )
 
 
@@ -196,9 +237,16 @@ def measure_pipeline(
     settings = Settings.from_env(
         redis_url=redis_url, key_prefix=BENCH_PREFIX, time_scale=scale, strategy=strategy
     )
-    with LocalCluster(redis_url, num_workers, env=env, prefix=BENCH_PREFIX):
+    with LocalCluster(redis_url, num_workers, env=env, prefix=BENCH_PREFIX) as cluster:
+        pids = [cluster.pid(w) for w in cluster.workers]
+        workers_cpu = sum(process_cpu_s(pid) for pid in pids)
+        server_cpu = redis_cpu_s(client)
+        own_cpu = time.process_time()
         started = time.time()
         run = run_live(client, settings, requests, strategy, progress=False, timeout_s=600)
+        own_cpu = time.process_time() - own_cpu
+        workers_cpu = sum(process_cpu_s(pid) for pid in pids) - workers_cpu
+        server_cpu = redis_cpu_s(client) - server_cpu
         wall = last_result_s(client, run.sent.run_id) - started
         by_request = {r.request_id: r for r in run.results}
         order = list(run.sent.job_ids)
@@ -217,7 +265,85 @@ def measure_pipeline(
         in_job_ms(times),
         cycle_ms(times),
         summary["hit_rate"],
+        workers_cpu,
+        own_cpu,
+        server_cpu,
     )
+
+
+def queued_memory(
+    client: redis.Redis,
+    redis_url: str,
+    requests: Sequence[Request],
+    num_workers: int,
+    strategy: str,
+) -> list[str]:
+    """Bytes per queued request, by key family (see the module docstring)."""
+    client.flushdb()
+    settings = Settings.from_env(
+        redis_url=redis_url, key_prefix=BENCH_PREFIX, time_scale=0.0, strategy=strategy
+    )
+    membership = RedisMembership(client, BENCH_PREFIX)
+    capacity = settings.gpu_preset().num_blocks
+    workers = [keys.worker_name(i) for i in range(num_workers)]
+    for worker in workers:
+        membership.register(worker, capacity)
+    producer = Producer(client, settings, strategy, run_id="memory")
+    producer.start_run(requests)
+    before = client.info("memory")["used_memory"]
+    producer.send(requests)
+    after = client.info("memory")["used_memory"]
+    families = {
+        "RQ job hashes (rq:job:<id>)": "rq:job:*",
+        "RQ queues (rq:queue:<worker>)": "rq:queue:*",
+        "load records (kvq:worker:<w>:jobs)": keys.worker_jobs("*", BENCH_PREFIX),
+        "pending marks (kvq:worker:<w>:pending)": keys.worker_pending("*", BENCH_PREFIX),
+        "pending marks (kvq:node:<hash>)": keys.node("*", BENCH_PREFIX),
+    }
+    n = len(requests)
+    seen: set[bytes] = set()
+    header = f"{'key family':<40} {'bytes/request':>13}"
+    lines = [
+        f"Redis memory per queued request: {n:,} requests sent to {num_workers} registered "
+        "workers that dequeue nothing",
+        "",
+        header,
+        "-" * len(header),
+    ]
+    for family, pattern in families.items():
+        names = list(client.scan_iter(match=pattern, count=1000))
+        seen.update(names)
+        size = sum(client.memory_usage(name, samples=0) or 0 for name in names)
+        lines.append(f"{family:<40} {size / n:>13,.0f}")
+    rest = [name for name in client.scan_iter(count=1000) if name not in seen]
+    size = sum(client.memory_usage(name, samples=0) or 0 for name in rest)
+    lines.append(f"{'every other key (run, load, workers)':<40} {size / n:>13,.0f}")
+    lines.append(f"{'INFO used_memory, after − before':<40} {(after - before) / n:>13,.0f}")
+    job = client.hget(f"rq:job:{job_id_for('memory', 0)}", "data") or b""
+    lines.append(f"\nRQ job data of the first request: {len(job):,} bytes (JSON, zlib-compressed)")
+    return lines
+
+
+def plot(rows: Sequence[Row], baseline: Row, path: Path, title: str) -> None:
+    """Requests/s against workers at time scale 0, the no-op baseline as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = sorted((r.num_workers, r.rate) for r in rows if r.scale == 0)
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    ax.plot([w for w, _ in points], [v for _, v in points], marker="o", label="kvqueue pipeline")
+    ax.axhline(baseline.rate, color="grey", linestyle="--", label="RQ no-op job, 1 worker")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([w for w, _ in points], [str(w) for w, _ in points])
+    ax.set_xlabel("KV workers (time scale 0)")
+    ax.set_ylabel("requests/s")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _service_ms(result: RequestResult | None) -> float:
@@ -230,7 +356,8 @@ def print_table(rows: Sequence[Row], baseline: Row) -> None:
     header = (
         f"{'pipeline':<34} {'W':>2} {'scale':>5} {'done':>5} {'hit':>5} {'sent s':>6} "
         f"{'wall s':>6} {'req/s':>6} {'× baseline':>10} {'overhead/req ms':>15} "
-        f"{'in-job p50 ms':>13} {'cycle p50 ms':>12}"
+        f"{'in-job p50 ms':>13} {'cycle p50 ms':>12} {'worker CPU/req ms':>17} "
+        f"{'producer CPU/req ms':>19} {'redis CPU/req ms':>16}"
     )
     print(header)
     print("-" * len(header))
@@ -242,7 +369,10 @@ def print_table(rows: Sequence[Row], baseline: Row) -> None:
             f"{row.name:<34} {row.num_workers:>2} {row.scale:>5g} {row.num_completed:>5} "
             f"{hit:>5} {sent:>6} {row.wall_s:>6.2f} {row.rate:>6.0f} "
             f"{row.rate / baseline.rate:>9.2f}x {row.overhead_ms:>15.2f} "
-            f"{row.in_job_ms:>13.2f} {cycle:>12}"
+            f"{row.in_job_ms:>13.2f} {cycle:>12} "
+            f"{cpu_ms_per_request(row.worker_cpu_s, row.num_requests):>17} "
+            f"{cpu_ms_per_request(row.producer_cpu_s, row.num_requests):>19} "
+            f"{cpu_ms_per_request(row.redis_cpu_s, row.num_requests):>16}"
         )
 
 
@@ -256,7 +386,7 @@ def parse_workers(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-requests", type=int, default=400, help="requests per run")
-    parser.add_argument("--workers", default="1,2,4", help="worker counts at time scale 0")
+    parser.add_argument("--workers", default="1,2,4,8", help="worker counts at time scale 0")
     parser.add_argument("--scale", type=float, default=0.01, help="nonzero time scale run")
     parser.add_argument("--scaled-workers", type=int, default=2, help="workers at --scale")
     parser.add_argument(
@@ -267,6 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategy", default="cache_aware", help="routing strategy")
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL, help="its db is flushed")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--memory-workers", type=int, default=2, help="workers the memory run registers"
+    )
+    parser.add_argument("--plot", type=Path, help="write requests/s against workers (PNG)")
     args = parse_args(parser, argv, QUICK)
     if args.num_requests <= 0:
         parser.error(f"--num-requests must be positive, got {args.num_requests}")
@@ -274,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         worker_counts = parse_workers(args.workers)
     except ValueError:
         parser.error(f"--workers must be positive comma-separated integers, got {args.workers!r}")
+    if args.memory_workers < 1:
+        parser.error(f"--memory-workers must be positive, got {args.memory_workers}")
     if args.scale < 0 or args.scaled_workers < 0:
         parser.error("--scale and --scaled-workers must be >= 0 (0 workers skips that run)")
     if args.workload not in WORKLOADS:
@@ -296,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                     client, args.redis_url, requests, args.scaled_workers, args.scale, args.strategy
                 )
             )
+        memory = queued_memory(client, args.redis_url, requests, args.memory_workers, args.strategy)
     finally:
         client.flushdb()
 
@@ -311,6 +448,14 @@ def main(argv: list[str] | None = None) -> int:
         "\noverhead/req = (wall × W − Σ service × scale) / N; in-job and cycle exclude the "
         "emulated sleep (definitions in the module docstring)"
     )
+    print("\n" + "\n".join(memory))
+    if args.plot:
+        title = (
+            f"{args.workload}, {len(requests)} requests, {args.strategy}; "
+            f"{os.cpu_count()} cores, load average {load_before:.1f}"
+        )
+        plot(rows[1:], baseline, args.plot, title)
+        print(f"\nplot: {args.plot}")
     return 0
 
 

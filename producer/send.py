@@ -55,6 +55,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         help="wait while the chosen worker has this many requests outstanding (default: never)",
     )
+    parser.add_argument(
+        "--reset-caches",
+        action="store_true",
+        help="every worker empties its KV cache first (announced as `cleared`); without it a "
+        "run that starts on warm caches is warned about",
+    )
     parser.add_argument("--wait", action="store_true", help="wait for every result, summarize")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (--wait)")
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"send.py: {warning}", file=sys.stderr)
         run = run_live(
             client, settings, requests, settings.strategy, run_id, args.wait, meta,
-            progress=not args.json, timeout_s=args.timeout,
+            progress=not args.json, timeout_s=args.timeout, reset_caches=args.reset_caches,
         )  # fmt: skip
     except (KVQueueError, ValueError, PermissionError) as exc:
         print(f"send.py: {scrub(str(exc), url)}", file=sys.stderr)

@@ -22,8 +22,10 @@ from kvqueue.gpu.hashing import (
     hash_block,
     hash_token_blocks,
     num_full_blocks,
+    pack_hashes,
     root_hash,
     to_hex,
+    unpack_hashes,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -171,3 +173,20 @@ def test_malformed_hex_hash_is_rejected_naming_it(text, why):
     with pytest.raises(ValueError, match=why) as info:
         from_hex([text])
     assert text in str(info.value)
+
+
+@given(st.lists(st.binary(min_size=32, max_size=32), max_size=40))
+def test_packed_hashes_unpack_to_the_same_chain(raw: list[bytes]) -> None:
+    packed = pack_hashes(raw)
+
+    assert unpack_hashes(packed) == raw
+    assert len(packed) == 4 * -(-32 * len(raw) // 3)  # base64: 4 characters per 3 bytes
+
+
+@pytest.mark.parametrize(
+    ("packed", "why"),
+    [("not base64!", "are not base64"), (pack_hashes([b"x" * 32])[:-4], "not a multiple of 32")],
+)
+def test_a_malformed_packed_chain_is_refused_with_what_is_wrong(packed: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        unpack_hashes(packed)

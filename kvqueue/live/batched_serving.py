@@ -64,7 +64,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,7 +76,13 @@ from kvqueue.gpu.batched_gpu import BatchedGpu, completed_fields
 from kvqueue.gpu.results import RequestResult, RequestStatus
 from kvqueue.gpu.scheduler import EngineRequest, ScheduledStep
 from kvqueue.live.engine_log import EngineLog
-from kvqueue.live.jobs import SNAPSHOT_FUNCTION, JobContext, JobRefused, refusal
+from kvqueue.live.jobs import (
+    CLEAR_FUNCTION,
+    SNAPSHOT_FUNCTION,
+    JobContext,
+    JobRefused,
+    refusal,
+)
 from kvqueue.live.retry import execute_through_outages
 from kvqueue.live.rq_jobs import ConcurrentJobs, Taken
 from kvqueue.live.runtime import GpuRuntime, scaled_ms
@@ -168,6 +174,8 @@ class BatchedServing:
         self.held: dict[str, LiveRequest] = {}  # job id -> request, accepted and not ended
         self._owed = _Owed()
         self._resync = False  # a TAKE_QUEUED reply may have been lost: read the whole list
+        # Taken jobs from a cache clear on, waiting until every request before it has ended.
+        self._deferred: list[Taken] = []
         self._signals_at = 0.0  # monotonic time of the last signals report
         self._heartbeat_at = time.monotonic()
         self._usage_at_start = 0.0  # KV usage once the current step was scheduled
@@ -200,6 +208,7 @@ class BatchedServing:
                     self._complete(step, start, end)
                 stopping = self.stop_requested()
                 taken += self._round_trip(take=not stopping)[0]
+                taken, self._deferred = self._deferred + taken, []
                 self._accept(taken, end)
                 taken = []
                 if stopping:
@@ -208,6 +217,8 @@ class BatchedServing:
                 if step is None:
                     if self._resync and not stopping:
                         continue  # a lost reply may have taken jobs: read them back first
+                    if self._deferred and not self.held and not stopping:
+                        continue  # drained: the cache clear waiting for it goes first
                     self._round_trip(take=False)
                     return
                 if not self._admit(step):
@@ -279,12 +290,16 @@ class BatchedServing:
             return [], statuses
         self._resync = retried
         taken = self.jobs.taken(replies[take_at])
-        return [t for t in taken if t.job_id not in self.held], statuses
+        waiting = {t.job_id for t in self._deferred}
+        return [t for t in taken if t.job_id not in self.held and t.job_id not in waiting], statuses
 
     # -- accept --------------------------------------------------------------------------
-    def _accept(self, taken: Iterable[Taken], now: float) -> None:
+    def _accept(self, taken: Sequence[Taken], now: float) -> None:
+        """Admit each taken job to the engine in queue order, or answer it (a snapshot, a
+        refusal). A cache clear waits until every request accepted before it has ended —
+        it and every job behind it are deferred until then — so that no block is in use."""
         jobs, writes = self.jobs, self._owed.writes
-        for item in taken:
+        for position, item in enumerate(taken):
             job = item.job
             if job is None:  # its hash is gone: RQ's own dequeue skips such an id
                 writes.append(lambda pipe, i=item.job_id: jobs.forget(i, pipe))
@@ -298,6 +313,13 @@ class BatchedServing:
             if job.func_name == SNAPSHOT_FUNCTION:
                 reply = self.runtime.snapshot_reply()
                 writes.append(lambda pipe, j=job, r=reply: jobs.finish(j, r, pipe))
+                continue
+            if job.func_name == CLEAR_FUNCTION:
+                if self.held:
+                    self._deferred = list(taken[position:])
+                    return
+                cleared = self.runtime.clear_cache()
+                writes.append(lambda pipe, j=job, r=cleared: jobs.finish(j, r, pipe))
                 continue
             try:
                 context = JobContext.from_wire(job.args[0])

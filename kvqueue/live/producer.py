@@ -34,6 +34,7 @@ from kvqueue.gpu.results import RequestResult, RequestStatus
 from kvqueue.gpu.simulated_gpu import SimulatedGpu
 from kvqueue.live.connection import check_access, redact
 from kvqueue.live.jobs import JOB_FUNCTION, JobContext, KVJob
+from kvqueue.live.pipelines import pipeline
 from kvqueue.live.recovery import Recovery
 from kvqueue.live.routers import live_router
 from kvqueue.live.runs import ResultWriter, claim_run
@@ -44,6 +45,7 @@ from kvqueue.routing.view import worker_order
 JOB_RESULT_TTL_S = 600  # RQ keeps a finished job 10 min (kvqueue's result is in the run)
 JOB_FAILURE_TTL_S = 24 * 3600
 BACKPRESSURE_POLL_S = 0.005
+NEEDS_TOKEN_IDS = b"needs_token_ids"  # a worker's info field: "1" when its oracle reads tokens
 
 
 def new_run_id() -> str:
@@ -84,6 +86,7 @@ class Producer:
         self._queues: dict[str, Queue] = {}
         self._started: float | None = None  # epoch seconds, once `start_run` claimed the run
         self._gpus: list[SimulatedGpu] = []
+        self._with_token_ids = False  # a live worker's decode model reads the prompt's tokens
 
     def live_workers(self) -> list[str]:
         workers = self.membership.live_workers(self.settings.heartbeat_ttl_s)
@@ -108,6 +111,7 @@ class Producer:
         workers = self.require_workers()
         infos = [self.client.hgetall(keys.worker_info(w, self.prefix)) for w in workers]
         self._gpus = self._worker_gpus(infos)
+        self._with_token_ids = any(info.get(NEEDS_TOKEN_IDS) == b"1" for info in infos)
         self._started = time.time()
         claim_run(
             self.client,
@@ -190,12 +194,13 @@ class Producer:
             time_scale=self.settings.time_scale,
             estimated_ms=decision.estimated_ms,
         )
-        pipe = self.client.pipeline(transaction=True)
+        pipe = pipeline(self.client, transaction=True)
         # RQ opens the MULTI itself, so the enqueue goes first; it all applies atomically.
         self._queue(decision.worker).enqueue_call(
             JOB_FUNCTION,
-            args=(context.to_wire(),),
+            args=(context.to_wire(self._with_token_ids),),
             job_id=job_id,
+            description=request.request_id,  # RQ's default repeats the arguments
             result_ttl=JOB_RESULT_TTL_S,
             failure_ttl=JOB_FAILURE_TTL_S,
             ttl=int(self.settings.run_ttl_s),  # a job never taken expires with its run

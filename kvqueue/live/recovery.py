@@ -145,7 +145,8 @@ class Recovery:
             self._drop(job_id)
             self._fail(dead, record, f"{why} before serving it; no live worker is left")
             return
-        job.args = (replace(context, attempt=context.attempt + 1).to_wire(),)
+        # Token ids travel on if they came (a worker's decode model reads them).
+        job.args = (replace(context, attempt=context.attempt + 1).to_wire(with_token_ids=True),)
         queue = Queue(
             keys.queue_name(decision.worker),
             connection=self.client,

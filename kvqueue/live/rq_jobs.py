@@ -36,7 +36,7 @@ from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.results import Result
 from rq.utils import now, utcformat
-from rq.worker import BaseWorker
+from rq.worker import BaseWorker, WorkerStatus
 
 from kvqueue.live import scripts
 
@@ -171,3 +171,65 @@ class ConcurrentJobs:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+Commands = list[tuple[Any, Any]]  # a pipeline's command stack: (args, options) per command
+
+
+class OneJob:
+    """RQ's bookkeeping of one job a sequential KV worker serves, as ready pipeline commands.
+
+    RQ's `SimpleWorker` spends about nine round trips on a job's bookkeeping (execution,
+    status, result, counters, worker state). Here the same writes (`ConcurrentJobs.start`,
+    `finish`, `fail`, and the worker's state) are recorded once as commands, which the
+    runtime adds to the round trips it makes anyway — the job's start with `START_JOB`, its
+    end with the result — and repeats unchanged if Redis was away (each is safe to repeat).
+    """
+
+    def __init__(self, jobs: ConcurrentJobs, job: Job) -> None:
+        self.jobs = jobs
+        self.job = job
+        self._start: Commands | None = None
+        self._finished: Commands | None = None
+        self._failed: Commands | None = None
+
+    def start(self) -> Commands:
+        """The job started: its execution, status ``started``, the worker ``busy``."""
+        if self._start is None:
+            worker = self.jobs.worker
+            self._start = _recorded(
+                worker.connection,
+                lambda pipe: (
+                    self.jobs.start(self.job, pipe),
+                    worker.set_state(WorkerStatus.BUSY, pipeline=pipe),
+                ),
+            )
+        return self._start
+
+    def finished(self, return_value: Any) -> Commands:
+        """The job succeeded with `return_value`; the worker ``idle``."""
+        if self._finished is None:
+            self._finished = self._ending(
+                lambda pipe: self.jobs.finish(self.job, return_value, pipe)
+            )
+        return self._finished
+
+    def failed(self, exc_string: str) -> Commands:
+        """The job failed with `exc_string`; the worker ``idle``."""
+        if self._failed is None:
+            self._failed = self._ending(lambda pipe: self.jobs.fail(self.job, exc_string, pipe))
+        return self._failed
+
+    def _ending(self, end: Any) -> Commands:
+        worker = self.jobs.worker
+        return _recorded(
+            worker.connection,
+            lambda pipe: (end(pipe), worker.set_state(WorkerStatus.IDLE, pipeline=pipe)),
+        )
+
+
+def _recorded(client: Any, write: Any) -> Commands:
+    """The commands `write(pipe)` queues on a pipeline, which is never executed."""
+    pipe = client.pipeline(transaction=False)
+    write(pipe)
+    return list(pipe.command_stack)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,9 @@ from kvqueue.gpu.engine_stats import EngineStats
 from kvqueue.gpu.presets import get_preset
 from kvqueue.gpu.request import Request
 from kvqueue.gpu.results import RequestResult, RequestStatus
+from kvqueue.live.caches import reset_caches as clear_worker_caches
+from kvqueue.live.caches import warm_blocks, warm_cache_warning
+from kvqueue.live.connection import check_access
 from kvqueue.live.engine_log import read_engine_stats
 from kvqueue.live.producer import Producer, SentRun
 from kvqueue.live.recovery import RecoveryStats
@@ -22,6 +26,8 @@ from kvqueue.live.waiting import wait_for_results
 from kvqueue.progress import progress_reporter
 from kvqueue.workloads.fit_advice import unfit_warning
 from kvqueue.workloads.traces import fits_report
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +40,7 @@ class LiveRun:
     results: list[RequestResult]
     recovery: RecoveryStats = field(default_factory=RecoveryStats)
     engine_stats: dict[str, EngineStats] = field(default_factory=dict)
+    warm_blocks: dict[str, int] = field(default_factory=dict)  # cached per worker at the start
 
 
 def run_live(
@@ -46,16 +53,38 @@ def run_live(
     meta: dict[str, Any] | None = None,
     progress: bool = True,
     timeout_s: float = 600.0,
+    reset_caches: bool = False,
 ) -> LiveRun:
-    """Send `requests`; with `wait`, block until each has a result (failed ones included)."""
+    """Send `requests`; with `wait`, block until each has a result (failed ones included).
+
+    With `reset_caches` every live worker first empties its cache and announces `cleared`
+    (`kvqueue.live.caches`); without it a run that starts on warm caches logs a warning
+    naming how many blocks they hold. The run's metadata records both
+    (``cached_blocks_at_start``, ``caches_reset``).
+    """
     producer = Producer(client, settings, strategy, run_id)
     workers = producer.require_workers()
+    if reset_caches:
+        check_access(client, settings.redis_url, settings.key_prefix)  # before any write
+        cleared = clear_worker_caches(client, workers, timeout_s)
+        log.info(
+            "cleared %s cached blocks on %d workers", f"{sum(cleared.values()):,}", len(workers)
+        )
+    warm = warm_blocks(client, workers, settings.key_prefix)
+    meta = {
+        **(meta or {}),
+        "cached_blocks_at_start": sum(warm.values()),
+        "caches_reset": reset_caches,
+    }
     producer.start_run(requests, meta)  # before any progress bar: a refusal is one line
+    warning = warm_cache_warning(warm, producer.run_id)
+    if warning:
+        log.warning(warning)
     label = producer.strategy
     with progress_reporter(len(requests), f"{label} sent", progress) as advance:
         sent = producer.send(requests, meta, on_sent=lambda: advance(1))
     if not wait:
-        return LiveRun(sent, workers, [], producer.recovery.stats)
+        return LiveRun(sent, workers, [], producer.recovery.stats, warm_blocks=warm)
     with progress_reporter(len(requests), f"{label} done", progress) as advance:
         reported = [0]
 
@@ -81,6 +110,7 @@ def run_live(
         _one_each(results, requests, sent),
         producer.recovery.stats,
         read_engine_stats(client, sent.run_id, settings.key_prefix),
+        warm,
     )
 
 

@@ -35,12 +35,14 @@ from kvqueue import keys
 from kvqueue.config import Settings
 from kvqueue.errors import KVQueueError, RequestRejected
 from kvqueue.gpu.batched_gpu import BatchedGpu
-from kvqueue.gpu.oracle import make_oracle
+from kvqueue.gpu.oracle import FallbackOracle, make_oracle
 from kvqueue.gpu.results import RequestResult, RequestStatus
 from kvqueue.gpu.simulated_gpu import Execution, SimulatedGpu
 from kvqueue.live.jobs import JobContext
+from kvqueue.live.pipelines import pipeline
 from kvqueue.live.recovery import Recovery
 from kvqueue.live.retry import REDIS_OUTAGE_ERRORS, retry_through_outages
+from kvqueue.live.rq_jobs import Commands, OneJob
 from kvqueue.live.runs import ResultWriter
 from kvqueue.routing.membership import HeartbeatStatus, RedisMembership, StartStatus
 from kvqueue.routing.redis_index import RedisIndex
@@ -87,6 +89,8 @@ class GpuRuntime:
         engine = settings.engine_config()
         preset = settings.gpu_preset()
         oracle = make_oracle(settings.decode_model)
+        # A decode-length model reads the prompt's tokens: the producer sends them only then.
+        self.needs_token_ids = not isinstance(oracle, FallbackOracle)
         self.engine = engine.engine
         self.gpu: SimulatedGpu | BatchedGpu
         if engine.is_batched:
@@ -216,13 +220,29 @@ class GpuRuntime:
             )
 
     # -- one job -------------------------------------------------------------------------
-    def serve(self, job_id: str, context: JobContext) -> RequestResult | None:
-        """Serve one request end to end; None if it already had a result (nothing served)."""
-        admission = self.begin(job_id, context)
+    def serve(
+        self, job_id: str, context: JobContext, rq: OneJob | None = None
+    ) -> RequestResult | None:
+        """Serve one request end to end; None if it already had a result (nothing served).
+
+        When no emulated time passes (time scale 0) the admission's cache events go out with
+        the result, in `finish`'s round trip, the lock held throughout: a snapshot sees the
+        request's blocks together with its result, or neither. With `rq`, RQ's bookkeeping
+        of the job travels in the job's own round trips (`begin`, `finish`).
+        """
+        if context.time_scale > 0:
+            return self._serve(job_id, context, True, rq)
+        with self._lock:
+            return self._serve(job_id, context, False, rq)
+
+    def _serve(
+        self, job_id: str, context: JobContext, publish_at_start: bool, rq: OneJob | None
+    ) -> RequestResult | None:
+        admission = self.begin(job_id, context, publish_at_start, rq)
         if admission is None:
             return None
         if admission.result is not None:
-            self.finish(job_id, admission.result)
+            self.finish(job_id, admission.result, rq)
             return admission.result
         execution = admission.execution
         assert execution is not None
@@ -233,20 +253,29 @@ class GpuRuntime:
                 self.gpu.finish(execution)
         base = self._base(context, admission.started)
         result = _completed(base, execution, admission.used_blocks)
-        self.finish(job_id, result)
+        self.finish(job_id, result, rq)
         return result
 
-    def begin(self, job_id: str, context: JobContext) -> Admission | None:
+    def begin(
+        self,
+        job_id: str,
+        context: JobContext,
+        publish_events: bool = True,
+        rq: OneJob | None = None,
+    ) -> Admission | None:
         """Count the job for this generation and admit its request to the GPU.
 
         None if the request already has a result (its producer gave up, or a reaper settled
-        it): the job's load is released and nothing is served. Raises `Superseded`.
+        it): the job's load is released (with `rq`, its RQ job finished with None) and
+        nothing is served. Raises `Superseded`. Without `publish_events` the admission's
+        cache events wait for `finish` (the caller holds the lock until then). With `rq`,
+        RQ's start of the job goes in the same round trip as kvqueue's.
         """
         started = time.time()
         request = context.request
         with self._lock:
             while True:
-                reported, status = self._retry(lambda: self._start_job(job_id, context), job_id)
+                reported, status = self._retry(lambda: self._start_job(job_id, context, rq), job_id)
                 if status is StartStatus.SUPERSEDED:
                     raise Superseded(
                         f"worker {self.name} generation {self.generation} was superseded by "
@@ -257,7 +286,7 @@ class GpuRuntime:
                 self.register("Redis lost its registration")
             self.jobs_begun += 1
             if reported:
-                self._retry(lambda: self.state.release(self.name, job_id), job_id)
+                self._retry(lambda: self._release_unserved(job_id, rq), job_id)
                 log.info("%s: %s already has a result; not served", self.name, request.request_id)
                 return None
             self._in_service.add(job_id)
@@ -276,35 +305,65 @@ class GpuRuntime:
                         **base,
                     ),
                 )
-            events = self.gpu.take_events()
-            self._retry(lambda: self.index.publish_events(self.name, events), job_id)
+            if publish_events:
+                events = self.gpu.take_events()
+                self._retry(lambda: self.index.publish_events(self.name, events), job_id)
             return Admission(started, execution, used_blocks=self.gpu.cache.num_used_slots)
 
-    def finish(self, job_id: str, result: RequestResult) -> None:
-        """Release the job's load and append its result (with any cache events), atomically."""
+    def finish(self, job_id: str, result: RequestResult, rq: OneJob | None = None) -> None:
+        """Release the job's load and append its result (with any cache events), atomically;
+        with `rq`, end its RQ job in the same MULTI/EXEC (failed for a failed result)."""
         with self._lock:
             events = self.gpu.take_events()
             used = self.gpu.cache.num_used_slots
             completed = result.status is RequestStatus.COMPLETED
             output = result.decode_tokens if completed else None
+            rq_end: Commands = []
+            if rq is not None and result.status is RequestStatus.FAILED:
+                rq_end = rq.failed(result.reason)
+            elif rq is not None:
+                rq_end = rq.finished({"status": result.status.value, "worker": self.name})
 
             def publish() -> None:
-                pipe = self.client.pipeline(transaction=True)
+                pipe = pipeline(self.client, transaction=True)
                 if events:
                     self.index.publish_events(self.name, events, pipeline=pipe)
                 self.state.release(self.name, job_id, used, output, pipeline=pipe)
                 self.results.append(result, pipeline=pipe)
                 self._write_info(pipe)
+                pipe.command_stack.extend(rq_end)
                 pipe.execute()
 
             self._retry(publish, job_id)
             self._in_service.discard(job_id)
 
-    def fail(self, job_id: str, context: JobContext, reason: str) -> RequestResult:
+    def fail(
+        self, job_id: str, context: JobContext, reason: str, rq: OneJob | None = None
+    ) -> RequestResult:
         """End a job whose serving raised: a failed result with the reason."""
         result = context.failure(self.name, reason)
-        self.finish(job_id, result)
+        self.finish(job_id, result, rq)
         return result
+
+    def clear_cache(self) -> dict[str, Any]:
+        """Drop every cached block and announce `cleared`, so the router's index forgets this
+        worker's blocks. Only between jobs: no request may hold blocks (`BlockCache.clear`).
+        What `clear_cache` answers: the worker and how many cached blocks it dropped."""
+        with self._lock:
+            cache = self.gpu.cache
+            num_cleared = cache.num_cached_blocks
+            cache.clear()
+            events = self.gpu.take_events()
+
+            def publish() -> None:
+                pipe = pipeline(self.client, transaction=True)
+                self.index.publish_events(self.name, events, pipeline=pipe)
+                self._write_info(pipe)
+                pipe.execute()
+
+            self._retry(publish, "clear")
+        log.info("%s: cleared %d cached blocks on request", self.name, num_cleared)
+        return {"worker": self.name, "cleared_blocks": num_cleared}
 
     def cached_hashes(self) -> list[str]:
         with self._lock:
@@ -323,12 +382,26 @@ class GpuRuntime:
         }
 
     # -- Redis helpers -------------------------------------------------------------------
-    def _start_job(self, job_id: str, context: JobContext) -> tuple[bool, StartStatus]:
-        pipe = self.client.pipeline(transaction=False)
+    def _start_job(
+        self, job_id: str, context: JobContext, rq: OneJob | None = None
+    ) -> tuple[bool, StartStatus]:
+        pipe = pipeline(self.client, transaction=False)
         self.results.reported(context.run_id, [context.request.request_id], pipeline=pipe)
         self.membership.start_job(self.name, self.generation, job_id, context.record(), pipe)
-        (reported,), status = pipe.execute()
+        if rq is not None:
+            pipe.command_stack.extend(rq.start())
+        (reported,), status, *_ = pipe.execute()
         return bool(reported), StartStatus(status.decode() if isinstance(status, bytes) else status)
+
+    def _release_unserved(self, job_id: str, rq: OneJob | None) -> None:
+        """A job whose request already has a result: its load released, its RQ job ended."""
+        if rq is None:
+            self.state.release(self.name, job_id)
+            return
+        pipe = pipeline(self.client, transaction=True)
+        self.state.release(self.name, job_id, pipeline=pipe)
+        pipe.command_stack.extend(rq.finished(None))
+        pipe.execute()
 
     def _retry(self, operation: Callable[[], T], what: str) -> T:
         return retry_through_outages(operation, f"{self.name}: {what}", log)
@@ -347,6 +420,7 @@ class GpuRuntime:
                 "evictions": cache.stats.num_evictions,
                 "pid": self.pid,
                 "generation": self.generation,
+                "needs_token_ids": int(self.needs_token_ids),
                 **self.settings.engine_config().describe(self.gpu.preset),
                 **self.serving_info,
             },

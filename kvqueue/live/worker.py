@@ -5,7 +5,8 @@ its process memory. RQ's default worker forks a fresh process per job, which wou
 every request on an empty cache; so the job function `serve_request` refuses to run anywhere
 but inside the `KVWorker` process that owns the GPU, and says which `-w` to use.
 
-Only kvqueue's job functions run here (`JOB_FUNCTIONS`: `serve_request`, `cache_snapshot`):
+Only kvqueue's job functions run here (`JOB_FUNCTIONS`: `serve_request`, `cache_snapshot`,
+`clear_cache`):
 the worker's job class (`KVJob`) refuses any other name before importing it, and the refused
 job fails in RQ with the reason. Jobs use RQ's JSON serializer, never pickle.
 
@@ -17,8 +18,15 @@ Redis (with its backoff capped at `max_connection_wait_time`).
 signals (warm and cold shutdown), suspension, maintenance and the blocking dequeue while the
 worker is idle, and hands the worker one job at a time (`execute_job`).
 
-- ``sequential``: RQ's `SimpleWorker` path, unchanged — `perform_job` runs `serve_request`,
-  which serves the one request to its end; RQ marks the job started, then finished or failed.
+- ``sequential``: one request at a time, to its end. For a request job (`serve_request`,
+  readable and not refused) `execute_job` calls the runtime itself, and RQ's bookkeeping of
+  the job — the same writes RQ's `prepare_execution`, `prepare_job_execution` and
+  `handle_job_success`/`_failure` make: an `Execution`, status ``started`` then
+  ``finished`` with the return value (or ``failed``), the registries, the worker's counters
+  and state — travels in the job's two round trips (`rq_jobs.OneJob`) instead of nine of
+  its own. Any other job (`cache_snapshot`, `clear_cache`, a refused or unreadable one)
+  takes RQ's `SimpleWorker` path, `perform_job`; `serve_request` runs there too when a
+  job's payload is not kvqueue's, and outside a KV worker it refuses to serve.
 - ``batched``: many jobs are in service at once, which `SimpleWorker` cannot express, so
   `execute_job` hands the dequeued job to `kvqueue.live.batched_serving.BatchedServing`,
   which keeps stepping the engine — taking newly queued jobs at every step boundary,
@@ -33,6 +41,11 @@ worker is idle, and hands the worker one job at a time (`execute_job`).
 
 A process starting under a name first puts back at the head of its queue any job an earlier
 process of that name took but never started (`REQUEUE_TAKEN`).
+
+RQ's bookkeeping of the worker itself is thinned where it repeats: its heartbeat of the worker
+key and its check for `rq suspend` run at most once a second (RQ would run them before and
+after every dequeue), and a state the worker just wrote is not written again. Per job, RQ's
+dequeue, execution record, job status and result stay as RQ writes them.
 """
 
 from __future__ import annotations
@@ -41,11 +54,13 @@ import logging
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 from rq import Queue, SimpleWorker, get_current_job
 from rq.job import Job
 from rq.serializers import JSONSerializer
+from rq.worker import WorkerStatus
 
 from kvqueue.config import Settings
 from kvqueue.errors import AccessDeniedError
@@ -53,8 +68,9 @@ from kvqueue.live import scripts
 from kvqueue.live.batched_serving import BatchedServing
 from kvqueue.live.connection import check_access
 from kvqueue.live.jobs import JOB_FUNCTION, JobContext, KVJob, refusal
+from kvqueue.live.pipelines import pipeline
 from kvqueue.live.retry import REDIS_OUTAGE_ERRORS, RETRY_CAP_S, retry_through_outages
-from kvqueue.live.rq_jobs import ConcurrentJobs
+from kvqueue.live.rq_jobs import ConcurrentJobs, OneJob
 from kvqueue.live.runs import ResultWriter
 from kvqueue.live.runtime import GpuRuntime, Superseded
 from kvqueue.routing.state import RedisRouterState
@@ -66,6 +82,7 @@ __all__ = [
     "JOB_FUNCTION",
     "KVWorker",
     "cache_snapshot",
+    "clear_cache",
     "serve_request",
 ]
 
@@ -76,6 +93,8 @@ FORKED_WORKER_MESSAGE = (
 )
 
 _RUNTIME: GpuRuntime | None = None
+
+RQ_CHECK_INTERVAL_S = 1.0  # RQ's worker heartbeat and suspension check, at most this often
 
 
 def _own_runtime() -> GpuRuntime | None:
@@ -123,6 +142,25 @@ def cache_snapshot() -> dict[str, Any]:
     return runtime.snapshot_reply()
 
 
+def clear_cache() -> dict[str, Any]:
+    """RQ job function: empty this worker's cache and announce `cleared` (a run that must not
+    start on warm caches, `--reset-caches`). Queued like any request, so it runs after every
+    request queued before it, when none holds a block."""
+    runtime = _own_runtime()
+    if runtime is None:
+        raise RuntimeError("clear_cache must run inside a KV worker process")
+    return runtime.clear_cache()
+
+
+def _ended_in_rq(runtime: GpuRuntime, rq_end: list, result: Any) -> None:
+    """A superseded process's job: its failure appended (the first result wins) and its RQ
+    job failed, in one round trip."""
+    pipe = pipeline(runtime.client, transaction=True)
+    runtime.results.append(result, pipeline=pipe)
+    pipe.command_stack.extend(rq_end)
+    pipe.execute()
+
+
 def _publish_orphan_failure(job: Job, context: JobContext, queue: str, reason: str) -> None:
     settings = Settings.from_env()
     result = context.failure(queue, reason)
@@ -165,6 +203,10 @@ class KVWorker(SimpleWorker):
         self.settings = Settings.from_env()  # a bad setting raises before RQ registers anything
         self.runtime: GpuRuntime | None = None
         self.serving: BatchedServing | None = None
+        self.one_at_a_time: ConcurrentJobs | None = None  # RQ's bookkeeping, sequential engine
+        self._heartbeat_sent = -RQ_CHECK_INTERVAL_S  # monotonic time of RQ's last heartbeat
+        self._suspension_checked = -RQ_CHECK_INTERVAL_S
+        self._state_written: str | None = None  # RQ's state as this worker last wrote it
 
     def register_birth(self) -> None:
         settings = self.settings
@@ -190,6 +232,8 @@ class KVWorker(SimpleWorker):
         if self.runtime.engine == "batched":
             jobs = ConcurrentJobs(self, queue)
             self.serving = BatchedServing(self, self.runtime, jobs, lambda: self._stop_requested)
+        else:
+            self.one_at_a_time = ConcurrentJobs(self, queue)
 
     def register_death(self) -> None:
         if self.runtime is not None:
@@ -224,6 +268,8 @@ class KVWorker(SimpleWorker):
         if self.serving is not None:
             self.serving.serve(job)
             return
+        if self._serve_lean(job):
+            return
         while True:
             began = self._served_jobs
             try:
@@ -235,29 +281,84 @@ class KVWorker(SimpleWorker):
                 if self._served_jobs != began or refusal(job) is not None:
                     return
 
+    def _serve_lean(self, job: Job) -> bool:
+        """Serve a request job of the sequential engine with RQ's bookkeeping in kvqueue's
+        own round trips (`OneJob`); False for any other job, which RQ's path runs."""
+        runtime, jobs = self.runtime, self.one_at_a_time
+        if runtime is None or jobs is None or refusal(job) is not None:
+            return False
+        if job.func_name != JOB_FUNCTION:
+            return False
+        try:
+            context = JobContext.from_wire(job.args[0])
+        except Exception:  # RQ's path fails it with the error, as for any unreadable job
+            return False
+        rq = OneJob(jobs, job)
+        try:
+            runtime.serve(job.id, context, rq)
+        except Superseded as exc:
+            failure = context.failure(runtime.name, str(exc))
+            rq_end = rq.failed(str(exc))
+            runtime._retry(lambda: _ended_in_rq(runtime, rq_end, failure), job.id)
+        except Exception as exc:
+            log.exception("%s: job %s failed", self.gpu_name, job.id)
+            runtime.fail(job.id, context, f"{type(exc).__name__}: {exc}", rq)
+        self._state_written = WorkerStatus.IDLE  # the job's last round trip wrote it
+        return True
+
     @property
     def _served_jobs(self) -> int:
         runtime = self.runtime
         return runtime.jobs_begun if runtime is not None else 0
 
-    def heartbeat(self, *args: Any, **kwargs: Any) -> None:
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        """RQ's worker heartbeat, at most once per `RQ_CHECK_INTERVAL_S` on its own.
+
+        RQ heartbeats the worker key before and after each dequeue and after each job — six
+        round trips a job — to keep a TTL of minutes (`worker_ttl` + 60 s). Once a second
+        keeps it as well; a heartbeat with a TTL of its own or on a pipeline always goes.
+        """
+        moment = time.monotonic()
+        if (
+            timeout is None
+            and pipeline is None
+            and moment - self._heartbeat_sent < RQ_CHECK_INTERVAL_S
+        ):
+            return
         try:
-            super().heartbeat(*args, **kwargs)
+            super().heartbeat(timeout, pipeline=pipeline)
         except REDIS_OUTAGE_ERRORS as exc:
             log.warning("%s: RQ heartbeat failed: %s", self.gpu_name, exc)
+        else:
+            self._heartbeat_sent = moment
 
     def set_state(self, state: str, pipeline: Any = None) -> None:
+        """RQ's worker state; a state this worker itself just wrote is not written again
+        (RQ writes ``idle`` after each job and again entering its dequeue loop)."""
+        if pipeline is None and state == self._state_written:
+            return
+        self._state_written = None  # unknown until written
         # RQ marks itself idle on entering its dequeue loop, outside that loop's own retries.
         try:
             super().set_state(state, pipeline=pipeline)
         except REDIS_OUTAGE_ERRORS as exc:
             log.warning("%s: could not record RQ state %s: %s", self.gpu_name, state, exc)
+        else:
+            if pipeline is None:
+                self._state_written = state
 
     def check_for_suspension(self, burst: bool) -> None:
+        """RQ's check for `rq suspend`, before each dequeue: at most once per
+        `RQ_CHECK_INTERVAL_S` (a suspension takes effect within a second, between jobs)."""
+        moment = time.monotonic()
+        if not burst and moment - self._suspension_checked < RQ_CHECK_INTERVAL_S:
+            return
         try:
             super().check_for_suspension(burst)
         except REDIS_OUTAGE_ERRORS as exc:
             log.warning("%s: could not check for suspension: %s", self.gpu_name, exc)
+        else:
+            self._suspension_checked = moment
 
     def run_maintenance_tasks(self) -> None:
         try:
