@@ -79,10 +79,6 @@ def redis_backend(request: pytest.FixtureRequest) -> Backend:
     return _make_backend(request.param, request)
 
 
-def hexes(hashes: set[BlockHash]) -> set[str]:
-    return {h.hex() for h in hashes}
-
-
 # -- empty input -----------------------------------------------------------------------------------
 def test_an_empty_index_matches_nothing(backend: Backend, make_hashes) -> None:
     index = backend.index
