@@ -77,7 +77,7 @@ from kvqueue.gpu.request import make_request
 from kvqueue.live.connection import connect, redact
 from kvqueue.routing.index import InMemoryIndex
 from kvqueue.routing.policies.base import make_policy
-from kvqueue.routing.redis_index import RedisIndex
+from kvqueue.routing.redis_index import RedisIndex, RouteRead
 from kvqueue.routing.router import Router
 from kvqueue.routing.state import RedisRouterState
 
@@ -324,10 +324,10 @@ def old_route_view(client: redis.Redis, prefix: str, state_keys: list[str]) -> M
     view_keys = [keys.workers(prefix), keys.round_robin(prefix), *state_keys]
 
     def match(block_hashes: Sequence[BlockHash]) -> dict[str, int]:
-        live, lengths, _ticket, _sizes, _now, *_states = script(
+        reply = script(
             keys=view_keys, args=[prefix, HEARTBEAT_TTL_MS, "0", b"".join(block_hashes).hex()]
         )
-        return {w.decode(): int(n) for w, n in zip(live, lengths, strict=True)}
+        return RouteRead.from_reply(reply).matches  # decoded as route_view decodes
 
     return match
 

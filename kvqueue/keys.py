@@ -5,9 +5,10 @@
 | kvq:n:<32 raw hash bytes>      | hash   | prefix-tree node: `<slot>` = 1 for each worker slot |
 |                                |        | that caches the block, `p:<worker>` = pending-until |
 |                                |        | (ms epoch); binary key: `kvqueue inspect` decodes it|
-| kvq:slots                      | hash   | `s:<worker>` -> its slot, `o:<slot>` -> worker,     |
-|                                |        | `n:<slot>` -> blocks stored under it, `next`,       |
-|                                |        | `cursor` (the sweep's SCAN cursor)                  |
+| kvq:slots                      | hash   | worker -> its current slot                          |
+| kvq:slots:blocks               | hash   | slot -> blocks stored under it                      |
+| kvq:slots:next                 | string | the last slot handed out (slots are never reused)   |
+| kvq:slots:cursor               | string | the sweep's SCAN cursor ('0' between passes)        |
 | kvq:slots:dead                 | set    | retired slots awaiting a sweep from the nodes       |
 | kvq:slots:sweeping             | set    | retired slots the current sweep pass removes        |
 | kvq:worker:<worker>:pending    | zset   | hashes marked pending on a worker, score = expiry   |
@@ -68,27 +69,24 @@ def slots(prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}slots"
 
 
+def slot_blocks(prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}slots:blocks"
+
+
+def slots_next(prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}slots:next"
+
+
+def slots_cursor(prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}slots:cursor"
+
+
 def slots_dead(prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}slots:dead"
 
 
 def slots_sweeping(prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}slots:sweeping"
-
-
-def slot_field(worker: str) -> str:
-    """The field of `slots` holding `worker`'s current slot."""
-    return f"s:{worker}"
-
-
-def slot_owner_field(slot: str) -> str:
-    """The field of `slots` naming the worker whose current slot `slot` is."""
-    return f"o:{slot}"
-
-
-def slot_size_field(slot: str) -> str:
-    """The field of `slots` counting the blocks stored under `slot`."""
-    return f"n:{slot}"
 
 
 def worker_info(worker: str, prefix: str = DEFAULT_PREFIX) -> str:

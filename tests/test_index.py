@@ -427,7 +427,7 @@ def test_tree_nodes_hold_their_workers_slots_and_vanish_with_their_last_holder(
     chain = make_hashes("sys", "a", "b")
     index.add("worker-0", chain)
     index.add("worker-1", chain[:2])
-    slot_0, slot_1 = client.hmget(keys.slots(prefix), ["s:worker-0", "s:worker-1"])
+    slot_0, slot_1 = client.hmget(keys.slots(prefix), ["worker-0", "worker-1"])
 
     assert slot_0 != slot_1
     assert client.hgetall(keys.node(chain[2], prefix)) == {slot_0: b"1"}
@@ -452,16 +452,16 @@ def test_a_cleared_workers_next_blocks_take_a_new_slot_and_writes_sweep_the_old_
     assert isinstance(index, RedisIndex) and client is not None
     before, after = make_hashes("before", "clear"), make_hashes("after", "clear")
     index.add("worker-0", before)
-    old = client.hget(keys.slots(prefix), "s:worker-0")
+    old = client.hget(keys.slots(prefix), "worker-0")
     index.clear("worker-0")
     index.add("worker-0", after)  # a write: its sweep step visits the few keys there are
-    new = client.hget(keys.slots(prefix), "s:worker-0")
+    new = client.hget(keys.slots(prefix), "worker-0")
 
     assert new != old
     assert index.cached_by("worker-0") == set(after)
     assert index.match(before) == {} and index.match(after) == {"worker-0": 2}
     assert not client.exists(*(keys.node(h, prefix) for h in before))
-    assert client.hget(keys.slots(prefix), f"o:{old.decode()}") is None
+    assert client.hget(keys.slot_blocks(prefix), old) is None
 
 
 def test_a_node_only_marked_pending_expires_with_its_last_mark(

@@ -40,9 +40,9 @@ def test_a_retired_slot_is_reported_apart_until_the_sweep_removes_it(make_hashes
     chain = make_hashes("sys", "a")
     index.add("worker-0", chain)
     index.add("worker-1", chain)
-    old_slot = client.hget(keys.slots("kvq:"), "s:worker-0").decode()
+    old_slot = client.hget(keys.slots("kvq:"), "worker-0").decode()
     client.sadd(keys.slots_dead("kvq:"), old_slot)  # retired, as `clear` does, before a sweep
-    client.hdel(keys.slots("kvq:"), "s:worker-0", f"o:{old_slot}")
+    client.hdel(keys.slots("kvq:"), "worker-0")
 
     before = read_tree(client, "kvq:")
     assert read_slots(client, "kvq:").retired == {old_slot}

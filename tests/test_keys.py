@@ -15,6 +15,9 @@ RAW = bytes.fromhex(HEX)
 # (function, arguments, key with the default prefix)
 PREFIXED_KEYS = [
     (keys.slots, (), "kvq:slots"),
+    (keys.slot_blocks, (), "kvq:slots:blocks"),
+    (keys.slots_next, (), "kvq:slots:next"),
+    (keys.slots_cursor, (), "kvq:slots:cursor"),
     (keys.slots_dead, (), "kvq:slots:dead"),
     (keys.slots_sweeping, (), "kvq:slots:sweeping"),
     (keys.worker_info, ("worker-0",), "kvq:worker:worker-0:info"),
@@ -43,9 +46,6 @@ PREFIXED_KEYS = [
 
 # Names that are not keys of their own: hash fields and RQ queue names.
 UNPREFIXED = [
-    (keys.slot_field, ("worker-0",), "s:worker-0"),
-    (keys.slot_owner_field, ("17",), "o:17"),
-    (keys.slot_size_field, ("17",), "n:17"),
     (keys.pending_field, ("worker-0",), "p:worker-0"),
     (keys.queue_name, ("worker-3",), "worker-3"),
     (keys.worker_name, (12,), "worker-12"),

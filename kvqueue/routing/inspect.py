@@ -21,7 +21,7 @@ from kvqueue.routing.scripts import HASH_BYTES
 
 @dataclass(frozen=True, slots=True)
 class Slots:
-    """`<prefix>slots` decoded: each worker's current slot and how many blocks it stores."""
+    """The slots decoded: each worker's current slot and how many blocks it stores."""
 
     worker_to_slot: dict[str, str]
     slot_to_blocks: dict[str, int]
@@ -78,11 +78,18 @@ def parse_hash(text: str) -> BlockHash:
 
 
 def read_slots(client: redis.Redis, prefix: str = keys.DEFAULT_PREFIX) -> Slots:
-    raw = {_text(k): _text(v) for k, v in client.hgetall(keys.slots(prefix)).items()}
-    workers = {k[2:]: v for k, v in raw.items() if k.startswith("s:")}
-    sizes = {k[2:]: int(v) for k, v in raw.items() if k.startswith("n:")}
-    retired = client.sunion(keys.slots_dead(prefix), keys.slots_sweeping(prefix))
-    return Slots(workers, sizes, frozenset(_text(s) for s in retired), int(raw.get("next", 0)))
+    pipe = client.pipeline(transaction=False)
+    pipe.hgetall(keys.slots(prefix))
+    pipe.hgetall(keys.slot_blocks(prefix))
+    pipe.get(keys.slots_next(prefix))
+    pipe.sunion(keys.slots_dead(prefix), keys.slots_sweeping(prefix))
+    workers, blocks, next_slot, retired = pipe.execute()
+    return Slots(
+        {_text(k): _text(v) for k, v in workers.items()},
+        {_text(k): int(v) for k, v in blocks.items()},
+        frozenset(_text(s) for s in retired),
+        int(next_slot or 0),
+    )
 
 
 def decode_node(

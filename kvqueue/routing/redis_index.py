@@ -7,9 +7,9 @@ block held by a few workers stays a listpack of a few bytes per holder. A node w
 field is deleted, or expires (a Redis key TTL) with its last pending mark, so requests that are
 routed but never stored leave nothing behind.
 
-Slots (`<prefix>slots`, a hash): ``s:<worker>`` -> the worker's current slot, ``o:<slot>`` ->
-its worker, ``n:<slot>`` -> blocks stored under it, ``next`` -> the last slot handed out
-(slots are never reused), ``cursor`` -> where the sweep is. A worker gets a slot at its first
+Slots: ``<prefix>slots`` (worker -> its current slot), ``<prefix>slots:blocks`` (slot ->
+blocks stored under it), ``<prefix>slots:next`` (the last slot handed out: slots are never
+reused), ``<prefix>slots:cursor`` (where the sweep is). A worker gets a slot at its first
 stored block. `clear` and `forget` *retire* the slot: everything stored under it leaves the
 tree for every reader in the same script (readers only look up current slots), and the worker's
 next stored block takes a new slot. The retired slot's fields are swept from the nodes later
@@ -182,18 +182,7 @@ class RedisIndex:
                 "" if approximate is None else approximate.to_wire(),
             ],
         )
-        live, lengths, ticket, sizes, now, *states = reply
-        workers = [_text(w) for w in live]
-        decoded = [
-            {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)} for flat in states
-        ]
-        return RouteRead(
-            dict(zip(workers, map(int, lengths), strict=True)),
-            dict(zip(workers, map(int, sizes), strict=True)),
-            int(ticket),
-            float(now),
-            decoded,
-        )
+        return RouteRead.from_reply(reply)
 
     def record_routed(
         self,
@@ -224,7 +213,7 @@ class RedisIndex:
     def cached_by(self, worker: str) -> set[BlockHash]:
         """The blocks stored under `worker`'s current slot: a SCAN of every node (for tests
         and inspection; no write or read on the routing path needs it)."""
-        slot = self.client.hget(keys.slots(self.prefix), keys.slot_field(worker))
+        slot = self.client.hget(keys.slots(self.prefix), worker)
         if slot is None:
             return set()
         held: set[BlockHash] = set()
@@ -257,6 +246,23 @@ class RouteRead:
     ticket: int
     now_ms: float  # Redis server time
     states: list[dict[str, str]]
+
+    @classmethod
+    def from_reply(cls, reply: list[Any]) -> RouteRead:
+        """ROUTE_VIEW's reply (bytes from Redis), decoded."""
+        live, lengths, ticket, sizes, now, *states = reply
+        workers = [w.decode() for w in live]
+        decoded = [
+            {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+            for flat in states
+        ]
+        return cls(
+            dict(zip(workers, map(int, lengths), strict=True)),
+            dict(zip(workers, map(int, sizes), strict=True)),
+            int(ticket),
+            float(now),
+            decoded,
+        )
 
 
 def _chain_arg(block_hashes: Sequence[BlockHash]) -> bytes:

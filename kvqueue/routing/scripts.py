@@ -3,8 +3,8 @@
 The tree's layout (`kvqueue.routing.redis_index` has the whole picture): a node per block,
 ``<prefix>n:<32 raw hash bytes>``, a hash whose fields are the *slots* of the workers that
 cache the block (a decimal number each, value ``1``) and ``p:<worker>`` = expiry of a pending
-mark. A worker's slot lives in ``<prefix>slots`` (`s:<worker>` -> slot, `o:<slot>` -> worker,
-`n:<slot>` -> blocks stored under it, `next`, `cursor`). Clearing or forgetting a worker
+mark. A worker's slot lives in ``<prefix>slots`` (worker -> slot), the blocks stored under a
+slot in ``<prefix>slots:blocks`` (slot -> count). Clearing or forgetting a worker
 retires its slot: the fields under it are invisible to every reader at once and are swept
 from the nodes a few hundred keys at a time (`sweep_step`) by the next writes.
 
@@ -25,16 +25,18 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 _LAYOUT = """
 -- The tree's keys and slots. Needs `prefix` in scope.
-local slots_key = prefix .. 'slots'
+local slots_key, blocks_key = prefix .. 'slots', prefix .. 'slots:blocks'
+local next_key, cursor_key = prefix .. 'slots:next', prefix .. 'slots:cursor'
 local dead_key, sweeping_key = prefix .. 'slots:dead', prefix .. 'slots:sweeping'
 local function node_key(h) return prefix .. 'n:' .. h end
 local function chain_hash(chain, pos) return string.sub(chain, pos * 32 - 31, pos * 32) end
-local function slot_of(worker) return redis.call('HGET', slots_key, 's:' .. worker) end
+local function slot_of(worker) return redis.call('HGET', slots_key, worker) end
 local function slot_for(worker)
   local slot = slot_of(worker)
   if slot then return slot end
-  slot = tostring(redis.call('HINCRBY', slots_key, 'next', 1))
-  redis.call('HSET', slots_key, 's:' .. worker, slot, 'o:' .. slot, worker, 'n:' .. slot, 0)
+  slot = tostring(redis.call('INCR', next_key))
+  redis.call('HSET', slots_key, worker, slot)
+  redis.call('HSET', blocks_key, slot, 0)
   return slot
 end
 local function is_pending_field(f) return string.sub(f, 1, 2) == 'p:' end
@@ -65,7 +67,7 @@ _SWEEP = """
 -- Slots are never reused, so a retired slot gains no field after it is retired.
 local node_pattern = string.gsub(prefix, '[%*%?%[%]\\\\]', '\\\\%0') .. 'n:*'
 local function sweep_step(now)
-  local cursor = redis.call('HGET', slots_key, 'cursor') or '0'
+  local cursor = redis.call('GET', cursor_key) or '0'
   if cursor == '0' then
     if redis.call('EXISTS', dead_key) == 0 then return end
     redis.call('RENAME', dead_key, sweeping_key)
@@ -81,7 +83,7 @@ local function sweep_step(now)
     end
     if swept then drop_if_orphan(node, now) end
   end
-  redis.call('HSET', slots_key, 'cursor', reply[1])
+  redis.call('SET', cursor_key, reply[1])
   if reply[1] == '0' then redis.call('DEL', sweeping_key) end
 end
 """
@@ -113,7 +115,7 @@ for pos = 1, math.floor(#chain / 32) do
   redis.call('HDEL', node, pending)
   redis.call('PERSIST', node)
 end
-if added > 0 then redis.call('HINCRBY', slots_key, 'n:' .. slot, added) end
+if added > 0 then redis.call('HINCRBY', blocks_key, slot, added) end
 sweep_step(now)
 return added
 """
@@ -139,7 +141,7 @@ if slot then
       drop_if_orphan(node, now)
     end
   end
-  if removed > 0 then redis.call('HINCRBY', slots_key, 'n:' .. slot, -removed) end
+  if removed > 0 then redis.call('HINCRBY', blocks_key, slot, -removed) end
 end
 sweep_step(now)
 return removed
@@ -152,8 +154,9 @@ _WORKER_EXIT = """
 local function clear_worker(worker, now)
   local slot = slot_of(worker)
   if not slot then return 0 end
-  local held = tonumber(redis.call('HGET', slots_key, 'n:' .. slot)) or 0
-  redis.call('HDEL', slots_key, 's:' .. worker, 'o:' .. slot, 'n:' .. slot)
+  local held = tonumber(redis.call('HGET', blocks_key, slot)) or 0
+  redis.call('HDEL', slots_key, worker)
+  redis.call('HDEL', blocks_key, slot)
   redis.call('SADD', dead_key, slot)
   sweep_step(now)
   return held
@@ -290,10 +293,11 @@ local function joint_matches(slots, pendings)
   local num, lo, hi = #pendings, {}, {}
   for i = 1, num do lo[i] = 0; hi[i] = n end
   if n == 0 then return lo end
-  local owner = {}  -- field -> worker index: its slot, and its pending field
+  local owner, open = {}, {}  -- field -> worker index (its slot, its pending field); open ones
   for i = 1, num do
     if slots[i] then owner[slots[i]] = i end
     owner[pendings[i]] = i
+    open[i] = i
   end
   local node_start, pos, seen_at = prefix .. 'n:', 1, {}
   while pos do
@@ -302,16 +306,19 @@ local function joint_matches(slots, pendings)
       local i = owner[f[k]]
       if i and (not is_pending_field(f[k]) or tonumber(f[k + 1]) > now) then seen_at[i] = pos end
     end
-    local probe, width = nil, 0
-    for i = 1, num do
+    local probe, width, still = nil, 0, {}
+    for _, i in ipairs(open) do
       if lo[i] < pos and pos <= hi[i] then
         if seen_at[i] == pos then lo[i] = pos else hi[i] = pos - 1 end
       end
-      if hi[i] - lo[i] > width then
-        probe, width = math.floor((lo[i] + hi[i] + 1) / 2), hi[i] - lo[i]
+      if hi[i] > lo[i] then
+        still[#still + 1] = i
+        if hi[i] - lo[i] > width then
+          probe, width = math.floor((lo[i] + hi[i] + 1) / 2), hi[i] - lo[i]
+        end
       end
     end
-    pos = probe
+    pos, open = probe, still
   end
   return lo
 end
@@ -449,17 +456,17 @@ local ticket = 0
 if ARGV[3] == '1' then ticket = redis.call('INCR', KEYS[2]) end
 local matches, sizes = {}, {}
 if ARGV[5] == '' then
+  -- Whole small hashes, not HMGET: a listpack answers each HMGET field by a scan.
+  local slot_of_worker, blocks_of_slot = {}, {}
+  local flat = redis.call('HGETALL', slots_key)
+  for k = 1, #flat, 2 do slot_of_worker[flat[k]] = flat[k + 1] end
+  flat = redis.call('HGETALL', blocks_key)
+  for k = 1, #flat, 2 do blocks_of_slot[flat[k]] = flat[k + 1] end
   local slots, pendings = {}, {}
-  if #live > 0 then
-    local fields = {}
-    for i, worker in ipairs(live) do fields[i] = 's:' .. worker end
-    slots = redis.call('HMGET', slots_key, unpack(fields))
-    for i, worker in ipairs(live) do
-      pendings[i] = 'p:' .. worker
-      fields[i] = 'n:' .. (slots[i] or '')
-    end
-    sizes = redis.call('HMGET', slots_key, unpack(fields))
-    for i = 1, #live do sizes[i] = tonumber(sizes[i]) or 0 end
+  for i, worker in ipairs(live) do
+    slots[i] = slot_of_worker[worker] or false
+    pendings[i] = 'p:' .. worker
+    sizes[i] = tonumber(blocks_of_slot[slots[i]]) or 0
   end
   matches = joint_matches(slots, pendings)
 else
@@ -524,14 +531,16 @@ local n = math.floor(#chain / 32)
     + _TREE
     + _LEADING_RUN
     + """
-local workers, matches, seen = {}, {}, {}
+local workers, matches, seen, owner = {}, {}, {}, {}
+local flat = redis.call('HGETALL', slots_key)
+for k = 1, #flat, 2 do owner[flat[k + 1]] = flat[k] end
 if n > 0 then
   for _, field in ipairs(redis.call('HKEYS', node_key(chain_hash(chain, 1)))) do
     local worker
     if is_pending_field(field) then
       worker = string.sub(field, 3)
     else
-      worker = redis.call('HGET', slots_key, 'o:' .. field)
+      worker = owner[field]
     end
     if worker and not seen[worker] then
       seen[worker] = true
