@@ -22,6 +22,7 @@ from kvqueue import keys
 from kvqueue.gpu.cache import BlockCache
 from kvqueue.gpu.events import decode_event, replay
 from kvqueue.gpu.hashing import BlockHash
+from kvqueue.routing import scripts
 from kvqueue.routing.index import InMemoryIndex, PrefixIndex, apply_events
 from kvqueue.routing.redis_index import RedisIndex
 
@@ -462,6 +463,30 @@ def test_a_cleared_workers_next_blocks_take_a_new_slot_and_writes_sweep_the_old_
     assert index.match(before) == {} and index.match(after) == {"worker-0": 2}
     assert not client.exists(*(keys.node(h, prefix) for h in before))
     assert client.hget(keys.slot_blocks(prefix), old) is None
+
+
+def test_writes_sweep_a_retired_slot_a_step_at_a_time_and_readers_never_see_it(
+    make_hashes,
+) -> None:
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    index, prefix = RedisIndex(client, "kvq:"), "kvq:"
+    chain = make_hashes(*(f"b{i}" for i in range(1_000)))
+    index.add("worker-0", chain)
+    index.add("worker-1", chain[:400])
+    slot = client.hget(keys.slots(prefix), "worker-0")
+    index.clear("worker-0")  # one sweep step here: at most SWEEP_KEYS keys visited
+
+    assert index.match(chain) == {"worker-1": 400}
+    left = [h for h in chain if client.hexists(keys.node(h, prefix), slot)]
+    assert 0 < len(left) < len(chain)
+    writes = 0
+    while client.exists(keys.slots_dead(prefix), keys.slots_sweeping(prefix)):
+        index.add("worker-2", make_hashes("w", str(writes)))  # each write: one step
+        writes += 1
+    assert writes <= len(chain) // scripts.SWEEP_KEYS + 1
+    assert not any(client.hexists(keys.node(h, prefix), slot) for h in chain)
+    assert not any(client.exists(keys.node(h, prefix)) for h in chain[400:])
+    assert index.match(chain) == {"worker-1": 400}
 
 
 def test_a_node_only_marked_pending_expires_with_its_last_mark(

@@ -119,7 +119,7 @@ local needed = {
   {'HSET', KEYS[1], 'f', 'v'}, {'HSETNX', KEYS[1], 'f', 'v'}, {'HGETALL', KEYS[1]},
   {'HINCRBY', KEYS[1], 'f', '1'}, {'HINCRBYFLOAT', KEYS[1], 'f', '1'}, {'HDEL', KEYS[1], 'f'},
   {'SADD', KEYS[1], 'm'}, {'SMEMBERS', KEYS[1]}, {'SISMEMBER', KEYS[1], 'm'},
-  {'SCAN', '0'}, {'RENAME', KEYS[1], KEYS[1]}, {'ZADD', KEYS[1], '1', 'm'},
+  {'SCAN', '0'}, {'SUNIONSTORE', KEYS[1], KEYS[1]}, {'ZADD', KEYS[1], '1', 'm'},
   {'ZRANGEBYSCORE', KEYS[1], '0', '1'}, {'XADD', KEYS[1], '*', 'f', 'v'},
   {'XRANGE', KEYS[1], '-', '+'}, {'RPUSH', KEYS[2], 'v'}, {'LREM', KEYS[2], '1', 'v'},
   {'HSET', KEYS[3], 'f', 'v'},

@@ -62,7 +62,7 @@ end
 
 _SWEEP = """
 -- sweep_step(now): one step of the pass that removes retired slots' fields from the nodes.
--- A pass takes the retired slots of its start (slots:dead -> slots:sweeping) and SCANs every
+-- A pass takes the retired slots of its start (slots:dead into slots:sweeping) and SCANs every
 -- node key once, SWEEP_KEYS keys a step; a slot retired meanwhile waits for the next pass.
 -- Slots are never reused, so a retired slot gains no field after it is retired.
 local node_pattern = string.gsub(prefix, '[%*%?%[%]\\\\]', '\\\\%0') .. 'n:*'
@@ -70,7 +70,8 @@ local function sweep_step(now)
   local cursor = redis.call('GET', cursor_key) or '0'
   if cursor == '0' then
     if redis.call('EXISTS', dead_key) == 0 then return end
-    redis.call('RENAME', dead_key, sweeping_key)
+    redis.call('SUNIONSTORE', sweeping_key, sweeping_key, dead_key)  -- keeps any left over
+    redis.call('DEL', dead_key)
   end
   local reply = redis.call('SCAN', cursor, 'MATCH', node_pattern, 'COUNT', SWEEP_KEYS)
   for _, node in ipairs(reply[2]) do
