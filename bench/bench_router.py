@@ -174,7 +174,7 @@ local live = redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[2]), '+inf
 local alive, matches, num_alive = {}, {}, 0
 for i, worker in ipairs(live) do
   matches[i] = 0
-  local slot = redis.call('HGET', prefix .. 'slots', 's:' .. worker)
+  local slot = redis.call('HGET', prefix .. 'slots', worker)
   if slot then alive[slot] = i; num_alive = num_alive + 1 end
 end
 for pos = 1, math.floor(#chain / 32) do
@@ -359,7 +359,7 @@ def one_pipeline(client: redis.Redis, prefix: str, state_keys: list[str]) -> Mat
             pipe.hkeys(keys.node(block_hash, prefix))
         reply = pipe.execute()
         live = [w.decode() for w in reply[0]]
-        slots = {v: k[2:].decode() for k, v in reply[1].items() if k.startswith(b"s:")}
+        slots = {slot: worker.decode() for worker, slot in reply[1].items()}
         matches = dict.fromkeys(live, 0)
         alive = set(live)
         for position, fields in enumerate(reply[2 + len(state_keys) :], start=1):
