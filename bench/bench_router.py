@@ -37,7 +37,7 @@ call, client encoding and decoding included), after a warm-up.
 Memory: ``INFO memory`` used_memory after loading a layout minus before (on a flushed db),
 divided by the number of nodes: the new layout is loaded first, then the old one. used_memory
 is server-wide (activity in other dbs leaks in), so the MEMORY USAGE split (node hashes
-sampled; the slots hash, or the old per-worker block sets, exact) is printed as a cross-check.
+sampled; the slots' keys, or the old per-worker block sets, exact) is printed as a cross-check.
 
 With ``--growth``, a second table: for each tree size of ``--growth-nodes`` (``--workers``
 workers) and each worker count of ``--growth-workers`` (``--nodes`` nodes), a fresh tree,
@@ -476,7 +476,7 @@ class Memory:
 
     used_bytes: int
     node_hash: float  # mean MEMORY USAGE of a node (sampled)
-    per_worker: int  # the slots hash (new) or the per-worker block sets (old), exact
+    per_worker: int  # the slots' keys (new) or the per-worker block sets (old), exact
 
     def per_node(self, num_nodes: int) -> float:
         return self.used_bytes / num_nodes
@@ -510,7 +510,10 @@ def load_both(
     new = Memory(
         middle - before,
         mean_memory_usage(client, [keys.node(h, prefix) for h in sample]),
-        int(client.memory_usage(keys.slots(prefix), samples=0) or 0),
+        sum(
+            int(client.memory_usage(key, samples=0) or 0)
+            for key in (keys.slots(prefix), keys.slot_blocks(prefix), keys.slots_next(prefix))
+        ),
     )
     old = None
     if with_old:
@@ -759,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     n = tree.num_nodes
     for name, memory in (("tree layout", loaded.new), (f"{OLD} layout", loaded.old)):
         assert memory is not None
-        split = "slots hash" if memory is loaded.new else "worker block sets"
+        split = "slots' keys" if memory is loaded.new else "worker block sets"
         print(
             f"redis memory, {name}: used_memory +{memory.used_bytes:,} B for {n:,} nodes = "
             f"{memory.per_node(n):,.0f} B/node ({memory.used_bytes / tree.num_entries:,.0f} B "
