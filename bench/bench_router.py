@@ -43,7 +43,9 @@ With ``--growth``, a second table: for each tree size of ``--growth-nodes`` (``-
 workers) and each worker count of ``--growth-workers`` (``--nodes`` nodes), a fresh tree,
 both layouts' bytes per node, and p50/p99 of ``route_view``, ``fe01c73`` (on trees up to
 ``--old-max-nodes``) and ``in-memory`` for ``--growth-blocks``-block requests; ``--plot PATH``
-draws it into a PNG. Usage::
+draws it into a PNG. Last, "where the time goes": route_view and fe01c73 each alone on requests
+of the longest length, with the time Redis spent in the script (INFO commandstats) and a PING
+for the bare round trip. Usage::
 
     python bench/bench_router.py [--nodes 100000] [--workers 8] [--repeats 1000]
         [--blocks 64,128,512] [--growth] [--growth-nodes 10000,100000,1000000]
@@ -536,6 +538,34 @@ def load_both(
     return Loaded(tree, new, old, load_s)
 
 
+def server_split(
+    client: redis.Redis,
+    methods: dict[str, Matcher],
+    requests: list[tuple[BlockHash, ...]],
+) -> list[tuple[str, float, float]]:
+    """(method, Redis's own µs per call (INFO commandstats, EVALSHA), the caller's p50 µs)
+    for each method, run alone on `requests` after CONFIG RESETSTAT; and a PING's p50, the
+    round trip with no work. The difference is the client's encoding, decoding and the
+    network."""
+    split = []
+    for name, method in methods.items():
+        client.config_resetstat()
+        times = []
+        for request in requests:
+            start = time.perf_counter_ns()
+            method(request)
+            times.append(time.perf_counter_ns() - start)
+        stats = client.info("commandstats").get("cmdstat_evalsha", {})
+        split.append((name, float(stats.get("usec_per_call", 0.0)), statistics.median(times) / 1e3))
+    times = []
+    for _ in requests:
+        start = time.perf_counter_ns()
+        client.ping()
+        times.append(time.perf_counter_ns() - start)
+    split.append(("PING", 0.0, statistics.median(times) / 1e3))
+    return split
+
+
 # -- growth ------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Point:
@@ -719,6 +749,13 @@ def main(argv: list[str] | None = None) -> int:
         for name, (times, longest) in measure(methods, requests, args.warmup, compared).items():
             rows.append(Row(num_blocks, name, times, longest))
 
+    longest = max(lengths)
+    where = server_split(
+        client,
+        {name: methods[name] for name in ("route_view", OLD)},
+        make_requests(tree, longest, args.repeats, rng),
+    )
+
     points: list[Point] = []
     if args.growth:
         for num_nodes in growth_nodes:
@@ -769,6 +806,12 @@ def main(argv: list[str] | None = None) -> int:
             f"per (node, worker) entry); MEMORY USAGE: node hash {memory.node_hash:,.0f} "
             f"B/node, {split} {memory.per_worker / n:,.1f} B/node"
         )
+    print(f"\nwhere the time goes, {longest}-block requests, each method alone:")
+    header = f"{'method':<12} {'in Redis µs':>11} {'caller p50 µs':>13} {'client + network µs':>19}"
+    print(header)
+    print("-" * len(header))
+    for name, in_redis, caller in where:
+        print(f"{name:<12} {in_redis:>11.1f} {caller:>13.1f} {caller - in_redis:>19.1f}")
     if points:
         print()
         print_growth(points, args.growth_blocks)
