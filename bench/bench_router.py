@@ -654,11 +654,14 @@ def plot(points: list[Point], path: Path, title: str) -> None:
         (axes[0], by_nodes, lambda p: p.num_nodes, "tree nodes"),
         (axes[1], by_workers, lambda p: p.num_workers, "live workers"),
     ):
-        for method, label in (("route_view", "route_view (joint search)"), (OLD, OLD)):
+        for method, label, color in (
+            ("route_view", "route_view (joint search)", "tab:blue"),
+            (OLD, OLD, "tab:orange"),
+        ):
             xs = [x_of(p) for p in line if method in p.times]
             for q, style in ((0.5, "--"), (0.99, "-")):
                 ys = [percentile_ms(p.times[method], q) for p in line if method in p.times]
-                ax.plot(xs, ys, style, marker="o", label=f"{label} p{round(q * 100)}")
+                ax.plot(xs, ys, style, color=color, marker="o", label=f"{label} p{round(q * 100)}")
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("router read, ms")
@@ -666,9 +669,10 @@ def plot(points: list[Point], path: Path, title: str) -> None:
         ax.legend(fontsize=8)
     ax = axes[2]
     ax.plot([p.num_nodes for p in by_nodes], [p.new_bytes for p in by_nodes], marker="o",
-            label="slots layout")  # fmt: skip
+            color="tab:blue", label="slots layout")  # fmt: skip
     old = [p for p in by_nodes if p.old_bytes]
-    ax.plot([p.num_nodes for p in old], [p.old_bytes for p in old], marker="o", label=OLD)
+    ax.plot([p.num_nodes for p in old], [p.old_bytes for p in old], marker="o",
+            color="tab:orange", label=OLD)  # fmt: skip
     ax.set_xscale("log")
     ax.set_ylim(bottom=0)
     ax.set_xlabel("tree nodes")
