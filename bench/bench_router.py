@@ -44,8 +44,8 @@ workers) and each worker count of ``--growth-workers`` (``--nodes`` nodes), a fr
 both layouts' bytes per node, and p50/p99 of ``route_view``, ``fe01c73`` (on trees up to
 ``--old-max-nodes``) and ``in-memory`` for ``--growth-blocks``-block requests; ``--plot PATH``
 draws it into a PNG. Last, "where the time goes": route_view and fe01c73 each alone on requests
-of the longest length, with the time Redis spent in the script (INFO commandstats) and a PING
-for the bare round trip. Usage::
+of the longest length, with the time Redis spent in the call (its SLOWLOG) and a PING for the
+bare round trip. Usage::
 
     python bench/bench_router.py [--nodes 100000] [--workers 8] [--repeats 1000]
         [--blocks 64,128,512] [--growth] [--growth-nodes 10000,100000,1000000]
@@ -543,27 +543,71 @@ def server_split(
     methods: dict[str, Matcher],
     requests: list[tuple[BlockHash, ...]],
 ) -> list[tuple[str, float, float]]:
-    """(method, Redis's own µs per call (INFO commandstats, EVALSHA), the caller's p50 µs)
-    for each method, run alone on `requests` after CONFIG RESETSTAT; and a PING's p50, the
-    round trip with no work. The difference is the client's encoding, decoding and the
-    network."""
+    """(method, Redis's own p50 µs per call, the caller's p50 µs) for each method, run alone
+    on `requests`; and a PING's, the round trip with no work. Redis's time per call comes from
+    its SLOWLOG, set to log every command for the while (and restored after); the difference
+    is the client's encoding and decoding and the network."""
+    saved = client.config_get("slowlog-*")
+    client.config_set("slowlog-max-len", len(requests) + 16)
+    client.config_set("slowlog-log-slower-than", 0)
     split = []
-    for name, method in methods.items():
-        client.config_resetstat()
-        times = []
-        for request in requests:
-            start = time.perf_counter_ns()
-            method(request)
-            times.append(time.perf_counter_ns() - start)
-        stats = client.info("commandstats").get("cmdstat_evalsha", {})
-        split.append((name, float(stats.get("usec_per_call", 0.0)), statistics.median(times) / 1e3))
-    times = []
-    for _ in requests:
-        start = time.perf_counter_ns()
-        client.ping()
-        times.append(time.perf_counter_ns() - start)
-    split.append(("PING", 0.0, statistics.median(times) / 1e3))
+    try:
+        for name, method in [*methods.items(), ("PING", lambda _: client.ping())]:
+            client.slowlog_reset()
+            times = []
+            for request in requests:
+                start = time.perf_counter_ns()
+                method(request)
+                times.append(time.perf_counter_ns() - start)
+            entries = client.slowlog_get(len(requests) + 16)
+            calls = (b"EVALSHA", b"PING")  # the calls themselves, not the scripts' commands
+            in_redis = [e["duration"] for e in entries if e["command"].split()[0] in calls]
+            split.append((name, statistics.median(in_redis), statistics.median(times) / 1e3))
+    finally:
+        for key, value in saved.items():
+            client.config_set(key, value)
     return split
+
+
+def joint_probes(lengths: Sequence[int], n: int) -> int:
+    """Node reads of ROUTE_VIEW's joint search when the workers' matches are `lengths` (the
+    positions the script probes: block 1, then the widest open interval's midpoint)."""
+    lo, hi = [0] * len(lengths), [n] * len(lengths)
+    probes, position = 0, 1 if n else None
+    while position is not None:
+        probes += 1
+        for i, length in enumerate(lengths):
+            if lo[i] < position <= hi[i]:
+                lo[i], hi[i] = (position, hi[i]) if position <= length else (lo[i], position - 1)
+        widest = max(range(len(lengths)), key=lambda i: hi[i] - lo[i])
+        open_ = hi[widest] > lo[widest]
+        position = (lo[widest] + hi[widest] + 1) // 2 if open_ else None
+    return probes
+
+
+def per_worker_probes(length: int, n: int) -> int:
+    """Node reads of a binary search for one worker (block 1, then halving [1, n])."""
+    if n == 0 or length == 0:
+        return 1 if n else 0
+    lo, hi, probes = 1, n, 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        probes += 1
+        lo, hi = (mid, hi) if mid <= length else (lo, mid - 1)
+    return probes
+
+
+def probe_counts(
+    index: InMemoryIndex, workers: Sequence[str], requests: list[tuple[BlockHash, ...]]
+) -> tuple[float, float]:
+    """Mean node reads per request: the joint search, and one binary search per worker."""
+    joint, separate = [], []
+    for request in requests:
+        matches = index.match(request)
+        lengths = [matches.get(w, 0) for w in workers]
+        joint.append(joint_probes(lengths, len(request)))
+        separate.append(sum(per_worker_probes(m, len(request)) for m in lengths))
+    return statistics.fmean(joint), statistics.fmean(separate)
 
 
 # -- growth ------------------------------------------------------------------------------------
@@ -754,11 +798,20 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(Row(num_blocks, name, times, longest))
 
     longest = max(lengths)
+    split_requests = make_requests(tree, longest, args.repeats, rng)
+    argument_only = client.register_script("return 1")
     where = server_split(
         client,
-        {name: methods[name] for name in ("route_view", OLD)},
-        make_requests(tree, longest, args.repeats, rng),
+        {
+            "route_view": methods["route_view"],
+            "- state": lambda hashes: index.route_view(hashes, HEARTBEAT_TTL_MS, []),
+            "- hashes": lambda _: index.route_view((), HEARTBEAT_TTL_MS, state_keys),
+            "argument": lambda hashes: argument_only(args=[b"".join(hashes)]),
+            OLD: methods[OLD],
+        },
+        split_requests,
     )
+    probes = probe_counts(memory_index, workers, split_requests)
 
     points: list[Point] = []
     if args.growth:
@@ -816,6 +869,12 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(header))
     for name, in_redis, caller in where:
         print(f"{name:<12} {in_redis:>11.1f} {caller:>13.1f} {caller - in_redis:>19.1f}")
+    print(
+        "('- state': route_view without the six state hashes; '- hashes': with no request "
+        "hashes, no search; 'argument': a script that only receives the request's hashes)\n"
+        f"probes per request (node reads, on the same requests): joint search "
+        f"{probes[0]:.1f}, a binary search per worker ({OLD}) {probes[1]:.1f}"
+    )
     if points:
         print()
         print_growth(points, args.growth_blocks)
