@@ -285,8 +285,7 @@ _JOINT_SEARCH = """
 -- position p answers "holds p?" for every worker, so each probe narrows every interval that
 -- contains p. Block 1 first (resolving every worker that lacks it, as a per-worker search
 -- would), then the midpoint of the widest open interval, until none is open: about log2(n)
--- probes per distinct match instead of per worker (bench/bench_router.py's 8k-token follow-up
--- turns over 8 workers: 18.6 probes on average, against 69 for a search per worker). On
+-- probes per distinct match instead of per worker (bench/bench_router.py counts both). On
 -- prefix-closed holdings each result equals a walk; on a gap, it is a held boundary (block
 -- L held, L+1 not), and for a single worker the positions are those of `leading_run`.
 -- Needs `chain`, `n` and `now` in scope.
