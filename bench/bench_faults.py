@@ -53,6 +53,7 @@ from kvqueue.live.producer import Producer
 from kvqueue.live.run import run_live
 from kvqueue.live.waiting import wait_for_results
 from kvqueue.routing.membership import RedisMembership
+from kvqueue.routing.redis_index import RedisIndex
 from kvqueue.workloads.synthetic import make_workload
 
 PREFIX = keys.DEFAULT_PREFIX
@@ -263,9 +264,9 @@ def visible_share(bench: Bench, cluster: LocalCluster) -> float:
         )
         wait_until(lambda j=job: j.get_status(refresh=True) == "finished")
         hashes = job.return_value(refresh=True)["cached"]
-        held = bench.client.smembers(keys.worker_blocks(worker, PREFIX))
+        held = RedisIndex(bench.client, PREFIX).cached_by(worker)
         cached += len(hashes)
-        visible += len(set(hashes) & {h.decode() for h in held})
+        visible += len(set(hashes) & {h.hex() for h in held})
     return visible / cached if cached else 1.0
 
 

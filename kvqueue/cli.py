@@ -15,6 +15,7 @@ COMMANDS = {
     "demo": "compare strategies on a live pipeline (embedded Redis if REDIS_URL is unset)",
     "sweep": "capacity and SLO sweep over offered rates and cluster sizes, in virtual time",
     "evaluate": "run every policy on the evaluation suite in the simulator",
+    "inspect": "the Redis prefix tree decoded for a human: a summary, or one block's node",
 }
 
 

@@ -2,9 +2,15 @@
 
 | key                            | type   | holds                                               |
 |--------------------------------|--------|-----------------------------------------------------|
-| kvq:node:<hash hex>            | hash   | prefix-tree node: `parent`, `w:<worker>` = 1 when   |
-|                                |        | cached, `p:<worker>` = pending-until (ms epoch)     |
-| kvq:worker:<worker>:blocks     | set    | hashes a worker caches (for `cleared`)              |
+| kvq:n:<32 raw hash bytes>      | hash   | prefix-tree node: `<slot>` = 1 for each worker slot |
+|                                |        | that caches the block, `p:<worker>` = pending-until |
+|                                |        | (ms epoch); binary key: `kvqueue inspect` decodes it|
+| kvq:slots                      | hash   | worker -> its current slot                          |
+| kvq:slots:blocks               | hash   | slot -> blocks stored under it                      |
+| kvq:slots:next                 | string | the last slot handed out (slots are never reused)   |
+| kvq:slots:cursor               | string | the sweep's SCAN cursor ('0' between passes)        |
+| kvq:slots:dead                 | set    | retired slots awaiting a sweep from the nodes       |
+| kvq:slots:sweeping             | set    | retired slots the current sweep pass removes        |
 | kvq:worker:<worker>:pending    | zset   | hashes marked pending on a worker, score = expiry   |
 |                                |        | (ms epoch): what a dead worker's purge must undo    |
 | kvq:worker:<worker>:routed     | zset   | approximate index: hashes routed to the worker,     |
@@ -44,16 +50,43 @@ from __future__ import annotations
 DEFAULT_PREFIX = "kvq:"
 
 
-def node(block_hash_hex: str, prefix: str = DEFAULT_PREFIX) -> str:
-    return f"{prefix}node:{block_hash_hex}"
+def node(block_hash: bytes, prefix: str = DEFAULT_PREFIX) -> bytes:
+    """A block's node: the prefix, ``n:``, then the raw hash (32 bytes, not hex)."""
+    return node_prefix(prefix) + block_hash
 
 
-def node_prefix(prefix: str = DEFAULT_PREFIX) -> str:
-    return f"{prefix}node:"
+def node_prefix(prefix: str = DEFAULT_PREFIX) -> bytes:
+    return f"{prefix}n:".encode()
 
 
-def worker_blocks(worker: str, prefix: str = DEFAULT_PREFIX) -> str:
-    return f"{prefix}worker:{worker}:blocks"
+def node_pattern(prefix: str = DEFAULT_PREFIX) -> bytes:
+    """SCAN's MATCH for every node key (glob characters in the prefix escaped)."""
+    escaped = "".join("\\" + c if c in "*?[]\\" else c for c in prefix)
+    return f"{escaped}n:*".encode()
+
+
+def slots(prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}slots"
+
+
+def slot_blocks(prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}slots:blocks"
+
+
+def slots_next(prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}slots:next"
+
+
+def slots_cursor(prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}slots:cursor"
+
+
+def slots_dead(prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}slots:dead"
+
+
+def slots_sweeping(prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}slots:sweeping"
 
 
 def worker_info(worker: str, prefix: str = DEFAULT_PREFIX) -> str:
@@ -142,10 +175,6 @@ def run_reported(run_id: str, prefix: str = DEFAULT_PREFIX) -> str:
 
 def run_engine(run_id: str, prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}run:{run_id}:engine"
-
-
-def stored_field(worker: str) -> str:
-    return f"w:{worker}"
 
 
 def pending_field(worker: str) -> str:

@@ -38,6 +38,7 @@ from kvqueue.config import Settings
 from kvqueue.gpu.events import CacheEvent, decode_event
 from kvqueue.live.cluster import LocalCluster
 from kvqueue.live.jobs import SNAPSHOT_FUNCTION
+from kvqueue.routing.inspect import read_tree
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
@@ -152,12 +153,15 @@ def load_hashes(
 
 
 def dump_tree(client: redis.Redis, prefix: str) -> dict[str, dict[str, str]]:
-    """Every prefix-tree node in Redis: {block hash hex: {field: value}}."""
-    node_prefix = keys.node_prefix(prefix)
+    """Every prefix-tree node in Redis as its readers see it (`kvqueue.routing.inspect`):
+    {block hash hex: {``w:<worker>``: "1" per storing worker, ``p:<worker>``: expiry}}.
+    Fields of retired slots are left out, and so are nodes holding nothing else."""
     tree = {}
-    for key in client.scan_iter(match=f"{node_prefix}*", count=1000):
-        fields = client.hgetall(key)
-        tree[key.decode()[len(node_prefix) :]] = {f.decode(): v.decode() for f, v in fields.items()}
+    for node in read_tree(client, prefix):
+        fields = {f"w:{w}": "1" for w in node.stored_by}
+        fields.update({f"p:{w}": str(expires) for w, expires in node.pending.items()})
+        if fields:
+            tree[node.block_hash.hex()] = fields
     return tree
 
 

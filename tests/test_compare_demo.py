@@ -316,7 +316,12 @@ def test_clear_routing_state_keeps_results_runs_and_other_prefixes(
     fake: fakeredis.FakeRedis,
 ) -> None:
     prefix = "kvq[1]:"  # glob characters in the prefix are matched literally
-    doomed = [keys.node("ab", prefix), keys.load(prefix), keys.workers(prefix), f"{prefix}new"]
+    doomed = [
+        keys.node(bytes.fromhex("ab"), prefix),
+        keys.load(prefix),
+        keys.workers(prefix),
+        f"{prefix}new",
+    ]
     kept = [keys.results("r1", prefix), keys.run("r1", prefix), "kvq1:node:ab", "other"]
     for name in doomed + kept:
         fake.set(name, 1)

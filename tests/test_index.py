@@ -22,6 +22,7 @@ from kvqueue import keys
 from kvqueue.gpu.cache import BlockCache
 from kvqueue.gpu.events import decode_event, replay
 from kvqueue.gpu.hashing import BlockHash
+from kvqueue.routing import scripts
 from kvqueue.routing.index import InMemoryIndex, PrefixIndex, apply_events
 from kvqueue.routing.redis_index import RedisIndex
 
@@ -77,10 +78,6 @@ def backend(request: pytest.FixtureRequest) -> Backend:
 @pytest.fixture(params=REDIS_BACKENDS)
 def redis_backend(request: pytest.FixtureRequest) -> Backend:
     return _make_backend(request.param, request)
-
-
-def hexes(hashes: set[BlockHash]) -> set[str]:
-    return {h.hex() for h in hashes}
 
 
 # -- empty input -----------------------------------------------------------------------------------
@@ -416,14 +413,14 @@ def test_published_events_land_in_the_stream_and_the_tree_follows_them(
     for worker, cache in caches.items():
         events = [decode_event(f[b"event"]) for _, f in entries if f[b"worker"] == worker.encode()]
         assert replay(events) == cache.cached_hashes()
-        members = client.smembers(keys.worker_blocks(worker, prefix))
-        assert {m.decode() for m in members} == hexes(cache.cached_hashes())
+        assert index.cached_by(worker) == cache.cached_hashes()
+    assert index.sweep()
     union = set().union(*(c.cached_hashes() for c in caches.values()))
-    node_keys = {k.decode() for k in client.scan_iter(match=f"{keys.node_prefix(prefix)}*")}
-    assert node_keys == {keys.node(h.hex(), prefix) for h in union}
+    node_keys = set(client.scan_iter(match=keys.node_pattern(prefix)))
+    assert node_keys == {keys.node(h, prefix) for h in union}
 
 
-def test_tree_nodes_record_their_parent_and_vanish_with_their_last_holder(
+def test_tree_nodes_hold_their_workers_slots_and_vanish_with_their_last_holder(
     redis_backend: Backend, make_hashes
 ) -> None:
     index, client, prefix = redis_backend.index, redis_backend.client, redis_backend.prefix
@@ -431,22 +428,65 @@ def test_tree_nodes_record_their_parent_and_vanish_with_their_last_holder(
     chain = make_hashes("sys", "a", "b")
     index.add("worker-0", chain)
     index.add("worker-1", chain[:2])
+    slot_0, slot_1 = client.hmget(keys.slots(prefix), ["worker-0", "worker-1"])
 
-    node = client.hgetall(keys.node(chain[2].hex(), prefix))
-    assert node == {b"parent": chain[1].hex().encode(), b"w:worker-0": b"1"}
-    assert client.hget(keys.node(chain[0].hex(), prefix), "parent") == b""
+    assert slot_0 != slot_1
+    assert client.hgetall(keys.node(chain[2], prefix)) == {slot_0: b"1"}
+    assert client.hgetall(keys.node(chain[0], prefix)) == {slot_0: b"1", slot_1: b"1"}
 
     index.remove("worker-0", chain[::-1])
     index.remove("worker-0", make_hashes("never", "added"))
-    assert not client.exists(keys.node(chain[2].hex(), prefix))
-    assert client.hgetall(keys.node(chain[1].hex(), prefix)) == {
-        b"parent": chain[0].hex().encode(),
-        b"w:worker-1": b"1",
-    }
+    assert not client.exists(keys.node(chain[2], prefix))
+    assert client.hgetall(keys.node(chain[1], prefix)) == {slot_1: b"1"}
 
     index.clear("worker-1")
-    assert list(client.scan_iter(match=f"{keys.node_prefix(prefix)}*")) == []
-    assert not client.exists(keys.worker_blocks("worker-1", prefix))
+    assert index.match(chain) == {}  # a retired slot is invisible at once
+    assert index.sweep()
+    assert list(client.scan_iter(match=keys.node_pattern(prefix))) == []
+    assert not client.exists(keys.slots_dead(prefix), keys.slots_sweeping(prefix))
+
+
+def test_a_cleared_workers_next_blocks_take_a_new_slot_and_writes_sweep_the_old_one(
+    redis_backend: Backend, make_hashes
+) -> None:
+    index, client, prefix = redis_backend.index, redis_backend.client, redis_backend.prefix
+    assert isinstance(index, RedisIndex) and client is not None
+    before, after = make_hashes("before", "clear"), make_hashes("after", "clear")
+    index.add("worker-0", before)
+    old = client.hget(keys.slots(prefix), "worker-0")
+    index.clear("worker-0")
+    index.add("worker-0", after)  # a write: its sweep step visits the few keys there are
+    new = client.hget(keys.slots(prefix), "worker-0")
+
+    assert new != old
+    assert index.cached_by("worker-0") == set(after)
+    assert index.match(before) == {} and index.match(after) == {"worker-0": 2}
+    assert not client.exists(*(keys.node(h, prefix) for h in before))
+    assert client.hget(keys.slot_blocks(prefix), old) is None
+
+
+def test_writes_sweep_a_retired_slot_a_step_at_a_time_and_readers_never_see_it(
+    make_hashes,
+) -> None:
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    index, prefix = RedisIndex(client, "kvq:"), "kvq:"
+    chain = make_hashes(*(f"b{i}" for i in range(1_000)))
+    index.add("worker-0", chain)
+    index.add("worker-1", chain[:400])
+    slot = client.hget(keys.slots(prefix), "worker-0")
+    index.clear("worker-0")  # one sweep step here: at most SWEEP_KEYS keys visited
+
+    assert index.match(chain) == {"worker-1": 400}
+    left = [h for h in chain if client.hexists(keys.node(h, prefix), slot)]
+    assert 0 < len(left) < len(chain)
+    writes = 0
+    while client.exists(keys.slots_dead(prefix), keys.slots_sweeping(prefix)):
+        index.add("worker-2", make_hashes("w", str(writes)))  # each write: one step
+        writes += 1
+    assert writes <= len(chain) // scripts.SWEEP_KEYS + 1
+    assert not any(client.hexists(keys.node(h, prefix), slot) for h in chain)
+    assert not any(client.exists(keys.node(h, prefix)) for h in chain[400:])
+    assert index.match(chain) == {"worker-1": 400}
 
 
 def test_a_node_only_marked_pending_expires_with_its_last_mark(
@@ -466,14 +506,14 @@ def test_a_node_only_marked_pending_expires_with_its_last_mark(
     index.mark_pending("worker-0", leaf, PENDING_TTL_MS)
     index.remove("worker-1", leaf)
 
-    first, second = (keys.node(h.hex(), prefix) for h in never_stored)
+    first, second = (keys.node(h, prefix) for h in never_stored)
     assert 0 < client.pttl(second) <= PENDING_TTL_MS
     assert PENDING_TTL_MS < client.pttl(first) <= 10 * PENDING_TTL_MS  # the later mark wins
-    assert 0 < client.pttl(keys.node(leaf[0].hex(), prefix)) <= PENDING_TTL_MS
-    assert [client.pttl(keys.node(h.hex(), prefix)) for h in stored_later] == [-1, -1]
+    assert 0 < client.pttl(keys.node(leaf[0], prefix)) <= PENDING_TTL_MS
+    assert [client.pttl(keys.node(h, prefix)) for h in stored_later] == [-1, -1]
 
     redis_backend.advance(PENDING_TTL_MS * 1.5)
 
-    assert not client.exists(second, keys.node(leaf[0].hex(), prefix))
+    assert not client.exists(second, keys.node(leaf[0], prefix))
     assert client.exists(first)
     assert index.match(stored_later) == {"worker-0": 2}

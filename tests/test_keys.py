@@ -10,12 +10,16 @@ import pytest
 from kvqueue import keys
 
 HEX = "ab" * 32
+RAW = bytes.fromhex(HEX)
 
 # (function, arguments, key with the default prefix)
 PREFIXED_KEYS = [
-    (keys.node, (HEX,), f"kvq:node:{HEX}"),
-    (keys.node_prefix, (), "kvq:node:"),
-    (keys.worker_blocks, ("worker-0",), "kvq:worker:worker-0:blocks"),
+    (keys.slots, (), "kvq:slots"),
+    (keys.slot_blocks, (), "kvq:slots:blocks"),
+    (keys.slots_next, (), "kvq:slots:next"),
+    (keys.slots_cursor, (), "kvq:slots:cursor"),
+    (keys.slots_dead, (), "kvq:slots:dead"),
+    (keys.slots_sweeping, (), "kvq:slots:sweeping"),
     (keys.worker_info, ("worker-0",), "kvq:worker:worker-0:info"),
     (keys.worker_pending, ("worker-0",), "kvq:worker:worker-0:pending"),
     (keys.worker_generation, ("worker-0",), "kvq:worker:worker-0:generation"),
@@ -42,7 +46,6 @@ PREFIXED_KEYS = [
 
 # Names that are not keys of their own: hash fields and RQ queue names.
 UNPREFIXED = [
-    (keys.stored_field, ("worker-0",), "w:worker-0"),
     (keys.pending_field, ("worker-0",), "p:worker-0"),
     (keys.queue_name, ("worker-3",), "worker-3"),
     (keys.worker_name, (12,), "worker-12"),
@@ -72,8 +75,29 @@ def test_fields_and_queue_names_carry_no_prefix(build, args, expected: str) -> N
     assert "prefix" not in inspect.signature(build).parameters
 
 
-def test_a_node_key_is_the_node_prefix_followed_by_the_hash() -> None:
-    assert keys.node(HEX, "p:") == keys.node_prefix("p:") + HEX
+# The tree's node keys are binary: the prefix, "n:", the raw 32-byte hash.
+BINARY_KEYS = [
+    (keys.node, (RAW,), b"kvq:n:" + RAW),
+    (keys.node_prefix, (), b"kvq:n:"),
+    (keys.node_pattern, (), b"kvq:n:*"),
+]
+
+
+@pytest.mark.parametrize(
+    ("build", "args", "expected"), BINARY_KEYS, ids=lambda v: getattr(v, "__name__", None)
+)
+def test_node_key_format_with_the_default_and_a_custom_prefix(build, args, expected) -> None:
+    assert build(*args) == expected
+    assert build(*args, prefix="lab7:") == b"lab7:" + expected.removeprefix(b"kvq:")
+
+
+def test_a_node_key_is_the_node_prefix_followed_by_the_raw_hash() -> None:
+    assert keys.node(RAW, "p:") == keys.node_prefix("p:") + RAW
+    assert len(keys.node(RAW)) == len("kvq:n:") + 32
+
+
+def test_the_node_pattern_escapes_glob_characters_of_the_prefix() -> None:
+    assert keys.node_pattern("lab[1]*:") == b"lab\\[1\\]\\*:n:*"
 
 
 def test_every_key_function_is_pinned_here() -> None:
@@ -82,7 +106,7 @@ def test_every_key_function_is_pinned_here() -> None:
         for name, value in vars(keys).items()
         if inspect.isfunction(value) and not name.startswith("_")
     }
-    pinned = {build.__name__ for build, _, _ in PREFIXED_KEYS + UNPREFIXED}
+    pinned = {build.__name__ for build, _, _ in PREFIXED_KEYS + UNPREFIXED + BINARY_KEYS}
     assert public - pinned == set(), "new key builders need a pinned format in test_keys.py"
     assert pinned - public == set()
 

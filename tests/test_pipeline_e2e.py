@@ -43,13 +43,14 @@ from live_support import (
 
 from kvqueue import keys
 from kvqueue.config import Settings
-from kvqueue.gpu.events import replay
+from kvqueue.gpu.events import BlocksStored, CacheEvent, replay
 from kvqueue.gpu.request import Request
 from kvqueue.gpu.results import RequestResult, RequestStatus
 from kvqueue.live.cluster import LocalCluster
 from kvqueue.live.producer import Producer
 from kvqueue.live.run import LiveRun, run_live
 from kvqueue.live.runs import read_results
+from kvqueue.routing.redis_index import RedisIndex
 from kvqueue.workloads.synthetic import SHARED_PREFIX_PRESETS, make_workload
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
@@ -263,9 +264,8 @@ def test_tree_equals_the_union_of_the_workers_real_caches_after_evictions(live: 
         snapshots = {w: cache_snapshot(client, w) for w in WORKERS}
         tree = dump_tree(client, PREFIX)
         events = events_by_worker(client, PREFIX)
-        block_sets = {
-            w: {m.decode() for m in client.smembers(keys.worker_blocks(w, PREFIX))} for w in WORKERS
-        }
+        index = RedisIndex(client, PREFIX)
+        block_sets = {w: {h.hex() for h in index.cached_by(w)} for w in WORKERS}
 
     assert Counter(r.status for r in results) == {RequestStatus.COMPLETED: 2 * len(requests)}
     cached = {w: set(s["cached"]) for w, s in snapshots.items()}
@@ -280,10 +280,24 @@ def test_tree_equals_the_union_of_the_workers_real_caches_after_evictions(live: 
         assert holders.get(worker, set()) == cached[worker]
         assert block_sets[worker] == cached[worker]
         assert {h.hex() for h in replay(events[worker])} == cached[worker]
-        # Prefix-closed, as the router's binary search needs: a worker holds every parent.
+        # Prefix-closed, as the router's search needs: a worker holds every parent (the
+        # parents as its stored events named them).
+        parents = stored_parents(events[worker])
         for block_hex in cached[worker]:
-            parent = tree[block_hex]["parent"]
+            parent = parents[block_hex]
             assert parent == "" or parent in cached[worker]
+
+
+def stored_parents(events: list[CacheEvent]) -> dict[str, str]:
+    """{block hex: its parent's hex, '' for a first block}, from stored events."""
+    parents = {}
+    for event in events:
+        if isinstance(event, BlocksStored):
+            previous = event.parent_hash.hex() if event.parent_hash is not None else ""
+            for block_hash in event.block_hashes:
+                parents[block_hash.hex()] = previous
+                previous = block_hash.hex()
+    return parents
 
 
 # -- the command line ------------------------------------------------------------------------------

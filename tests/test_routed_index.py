@@ -179,7 +179,7 @@ def test_an_approximate_router_in_redis_records_routing_and_reads_it_in_one_view
     assert view.load(decision.worker).indexed_blocks == 8
     assert view.now_ms > 0
     # Nothing was marked pending in the precise index: the approximate router writes only its own.
-    assert not fake_redis.keys("kvq:node:*")
+    assert not fake_redis.keys(keys.node_pattern("kvq:"))
 
 
 def test_a_dead_workers_routed_blocks_are_forgotten(fake_redis) -> None:

@@ -173,7 +173,7 @@ class RedisMembership:
                 keys.workers(p),
                 keys.worker_generation(worker, p),
                 keys.worker_jobs(worker, p),
-                keys.worker_blocks(worker, p),
+                keys.slots(p),
                 keys.worker_pending(worker, p),
                 keys.load(p),
                 keys.load_tokens(p),

@@ -1,14 +1,26 @@
-"""The prefix index in Redis: one hash per block (`kvq:node:<hex>`), one field per worker.
+"""The prefix index in Redis: one small hash per block, one short field per holder.
 
-Node fields: ``parent`` (hex of the parent block, '' for a first block), ``w:<worker>`` = 1
-while the worker caches the block, ``p:<worker>`` = expiry (server ms) of a pending mark. A
-node with no worker field is deleted, or expires (a Redis key TTL) with its last pending mark,
-so requests that are routed but never stored leave nothing behind. Each worker also has a set of
-its hashes (`kvq:worker:<w>:blocks`) so `cleared` can undo everything it announced, and a
-sorted set of its pending marks (`kvq:worker:<w>:pending`) so `forget` can undo those too.
+A node is ``<prefix>n:<the block's 32 raw hash bytes>``; its fields are the *slots* of the
+workers that cache the block (a decimal number each, value ``1``) and ``p:<worker>`` = expiry
+(server ms) of a pending mark. No parent and no hex: a reader needs neither, and the node of a
+block held by a few workers stays a listpack of a few bytes per holder. A node with no slot
+field is deleted, or expires (a Redis key TTL) with its last pending mark, so requests that are
+routed but never stored leave nothing behind.
+
+Slots: ``<prefix>slots`` (worker -> its current slot), ``<prefix>slots:blocks`` (slot ->
+blocks stored under it), ``<prefix>slots:next`` (the last slot handed out: slots are never
+reused), ``<prefix>slots:cursor`` (where the sweep is). A worker gets a slot at its first
+stored block. `clear` and `forget` *retire* the slot: everything stored under it leaves the
+tree for every reader in the same script (readers only look up current slots), and the worker's
+next stored block takes a new slot. The retired slot's fields are swept from the nodes later
+(`<prefix>slots:dead`, then `slots:sweeping` during a pass): every write script runs a sweep
+step of up to `scripts.SWEEP_KEYS` keys while a retired slot awaits one, and `sweep` finishes
+the pass on demand. So a worker needs no list of its blocks to be cleared, and a dead one is
+purged at once for routing. Each worker still has a sorted set of its pending marks
+(`kvq:worker:<w>:pending`) so `forget` can undo those: marks are few and short-lived.
 
 Writes accept an optional pipeline so that a worker can append its events to the event stream
-and update the tree in one MULTI/EXEC.
+and update the tree in one MULTI/EXEC. `kvqueue.routing.inspect` decodes it all for a human.
 """
 
 from __future__ import annotations
@@ -27,12 +39,13 @@ from kvqueue.gpu.events import (
     CacheEvent,
     encode_event,
 )
-from kvqueue.gpu.hashing import BlockHash, from_hex, to_hex
+from kvqueue.gpu.hashing import BlockHash
 from kvqueue.routing import scripts
 from kvqueue.routing.approximate import ApproximateRules
 
 DEFAULT_EVENTS_MAXLEN = 1_000  # entries; docs/reliability.md has the bytes they come to
-HASH_BYTES = 32  # SHA-256; the scripts cut the concatenated hex every 64 characters
+HASH_BYTES = scripts.HASH_BYTES  # SHA-256; the scripts cut the concatenated hashes at this width
+SWEEP_STEPS_PER_CALL = 100  # steps of `sweep`'s script: ~20k keys, a few ms of Redis time
 
 
 class RedisIndex:
@@ -55,6 +68,7 @@ class RedisIndex:
         self._route_view = client.register_script(scripts.ROUTE_VIEW)
         self._record_routed = client.register_script(scripts.RECORD_ROUTED)
         self._match = client.register_script(scripts.MATCH)
+        self._sweep = client.register_script(scripts.SWEEP)
 
     # -- writes (each accepts a pipeline) ------------------------------------------------
     def add(
@@ -64,11 +78,13 @@ class RedisIndex:
         parent: BlockHash | None = None,
         pipeline: Any = None,
     ) -> None:
+        """`worker` caches `block_hashes` (a run whose first block's parent is `parent`:
+        the tree keeps no parent, a reader needs none)."""
         if not block_hashes:
             return
         self._store(
-            keys=[keys.worker_blocks(worker, self.prefix)],
-            args=[self.prefix, worker, parent.hex() if parent else "", *to_hex(block_hashes)],
+            keys=[],
+            args=[self.prefix, worker, _chain_arg(block_hashes)],
             client=pipeline or self.client,
         )
 
@@ -76,14 +92,15 @@ class RedisIndex:
         if not block_hashes:
             return
         self._remove(
-            keys=[keys.worker_blocks(worker, self.prefix)],
-            args=[self.prefix, worker, *to_hex(block_hashes)],
+            keys=[],
+            args=[self.prefix, worker, _chain_arg(block_hashes)],
             client=pipeline or self.client,
         )
 
     def clear(self, worker: str, pipeline: Any = None) -> None:
+        """`worker`'s cache is empty: its slot retires (its pending marks stay)."""
         self._clear(
-            keys=[keys.worker_blocks(worker, self.prefix)],
+            keys=[],
             args=[self.prefix, worker],
             client=pipeline or self.client,
         )
@@ -91,10 +108,7 @@ class RedisIndex:
     def forget(self, worker: str, pipeline: Any = None) -> None:
         """`worker` is gone: its cached blocks and its pending marks leave the tree."""
         self._forget(
-            keys=[
-                keys.worker_blocks(worker, self.prefix),
-                keys.worker_pending(worker, self.prefix),
-            ],
+            keys=[keys.worker_pending(worker, self.prefix)],
             args=[self.prefix, worker],
             client=pipeline or self.client,
         )
@@ -106,7 +120,7 @@ class RedisIndex:
             return
         self._mark_pending(
             keys=[keys.worker_pending(worker, self.prefix)],
-            args=[self.prefix, worker, int(ttl_ms), *to_hex(block_hashes)],
+            args=[self.prefix, worker, int(ttl_ms), _chain_arg(block_hashes)],
             client=pipeline or self.client,
         )
 
@@ -135,6 +149,17 @@ class RedisIndex:
         if pipeline is None:
             pipe.execute()
 
+    def sweep(self, max_calls: int | None = None) -> bool:
+        """Finish sweeping retired slots' fields from the nodes (readers already ignore
+        them: this only frees their memory). At most `max_calls` round trips of
+        `SWEEP_STEPS_PER_CALL` steps each, unbounded if None; True when nothing is left."""
+        calls = 0
+        while max_calls is None or calls < max_calls:
+            calls += 1
+            if int(self._sweep(keys=[], args=[self.prefix, SWEEP_STEPS_PER_CALL])):
+                return True
+        return False
+
     # -- reads ---------------------------------------------------------------------------
     def route_view(
         self,
@@ -157,18 +182,7 @@ class RedisIndex:
                 "" if approximate is None else approximate.to_wire(),
             ],
         )
-        live, lengths, ticket, sizes, now, *states = reply
-        workers = [_text(w) for w in live]
-        decoded = [
-            {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)} for flat in states
-        ]
-        return RouteRead(
-            dict(zip(workers, map(int, lengths), strict=True)),
-            dict(zip(workers, map(int, sizes), strict=True)),
-            int(ticket),
-            float(now),
-            decoded,
-        )
+        return RouteRead.from_reply(reply)
 
     def record_routed(
         self,
@@ -189,7 +203,7 @@ class RedisIndex:
     def routed_by(self, worker: str) -> set[BlockHash]:
         """The blocks the approximate index holds for `worker`."""
         members = self.client.zrange(keys.worker_routed(worker, self.prefix), 0, -1)
-        return set(from_hex(_text(m) for m in members))
+        return {BlockHash(bytes(m)) for m in members}
 
     def match(self, block_hashes: Sequence[BlockHash]) -> dict[str, int]:
         """Matches of every worker holding the first block, live or not (zeros dropped)."""
@@ -197,8 +211,30 @@ class RedisIndex:
         return {_text(w): int(n) for w, n in zip(workers, lengths, strict=True)}
 
     def cached_by(self, worker: str) -> set[BlockHash]:
-        members = self.client.smembers(keys.worker_blocks(worker, self.prefix))
-        return set(from_hex(_text(m) for m in members))
+        """The blocks stored under `worker`'s current slot: a SCAN of every node (for tests
+        and inspection; no write or read on the routing path needs it)."""
+        slot = self.client.hget(keys.slots(self.prefix), worker)
+        if slot is None:
+            return set()
+        held: set[BlockHash] = set()
+        start = len(keys.node_prefix(self.prefix))
+        batch: list[bytes] = []
+
+        def check() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for node in batch:
+                pipe.hexists(node, slot)
+            held.update(
+                BlockHash(n[start:]) for n, yes in zip(batch, pipe.execute(), strict=True) if yes
+            )
+            batch.clear()
+
+        for node in self.client.scan_iter(match=keys.node_pattern(self.prefix), count=1_000):
+            batch.append(node)
+            if len(batch) >= 1_000:
+                check()
+        check()
+        return held
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,12 +247,30 @@ class RouteRead:
     now_ms: float  # Redis server time
     states: list[dict[str, str]]
 
+    @classmethod
+    def from_reply(cls, reply: list[Any]) -> RouteRead:
+        """ROUTE_VIEW's reply (bytes from Redis), decoded."""
+        live, lengths, ticket, sizes, now, *states = reply
+        workers = [w.decode() for w in live]
+        decoded = [
+            {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+            for flat in states
+        ]
+        return cls(
+            dict(zip(workers, map(int, lengths), strict=True)),
+            dict(zip(workers, map(int, sizes), strict=True)),
+            int(ticket),
+            float(now),
+            decoded,
+        )
 
-def _chain_arg(block_hashes: Sequence[BlockHash]) -> str:
-    """A request's hashes as the one argument ROUTE_VIEW and MATCH take: hex, concatenated.
+
+def _chain_arg(block_hashes: Sequence[BlockHash]) -> bytes:
+    """Hashes as the one argument the scripts take: the raw hashes, concatenated.
 
     One argument instead of one per block: for an 8k-token prompt (512 blocks) the separate
-    arguments cost more to encode, send and unpack than the script's binary search.
+    arguments cost more to encode, send and unpack than the script's search; raw bytes need
+    no hex encoding here and are half as many to send.
     """
     joined = b"".join(block_hashes)
     if len(joined) != HASH_BYTES * len(block_hashes):
@@ -224,7 +278,7 @@ def _chain_arg(block_hashes: Sequence[BlockHash]) -> str:
             f"block hashes must be {HASH_BYTES} bytes each; got {len(joined):,} bytes "
             f"for {len(block_hashes):,} hashes"
         )
-    return joined.hex()
+    return joined
 
 
 def _text(value: Any) -> str:
