@@ -298,7 +298,7 @@ def queued_memory(
         "RQ queues (rq:queue:<worker>)": "rq:queue:*",
         "load records (kvq:worker:<w>:jobs)": keys.worker_jobs("*", BENCH_PREFIX),
         "pending marks (kvq:worker:<w>:pending)": keys.worker_pending("*", BENCH_PREFIX),
-        "pending marks (kvq:node:<hash>)": keys.node("*", BENCH_PREFIX),
+        "pending marks (kvq:n:<hash>)": keys.node_pattern(BENCH_PREFIX),
     }
     n = len(requests)
     seen: set[bytes] = set()
