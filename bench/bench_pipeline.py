@@ -297,7 +297,6 @@ def queued_memory(
         "RQ job hashes (rq:job:<id>)": "rq:job:*",
         "RQ queues (rq:queue:<worker>)": "rq:queue:*",
         "load records (kvq:worker:<w>:jobs)": keys.worker_jobs("*", BENCH_PREFIX),
-        "pending marks (kvq:worker:<w>:pending)": keys.worker_pending("*", BENCH_PREFIX),
         "pending marks (kvq:n:<hash>)": keys.node_pattern(BENCH_PREFIX),
     }
     n = len(requests)

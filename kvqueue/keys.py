@@ -3,16 +3,18 @@
 | key                            | type   | holds                                               |
 |--------------------------------|--------|-----------------------------------------------------|
 | kvq:n:<32 raw hash bytes>      | hash   | prefix-tree node: `<slot>` = 1 for each worker slot |
-|                                |        | that caches the block, `p:<worker>` = pending-until |
-|                                |        | (ms epoch); binary key: `kvqueue inspect` decodes it|
+|                                |        | that caches the block, `p<pending slot>` = pending- |
+|                                |        | until (ms epoch) for each worker that has it        |
+|                                |        | pending; binary key: `kvqueue inspect` decodes it   |
 | kvq:slots                      | hash   | worker -> its current slot                          |
+| kvq:slots:pending              | hash   | worker -> its current pending slot                  |
 | kvq:slots:blocks               | hash   | slot -> blocks stored under it                      |
-| kvq:slots:next                 | string | the last slot handed out (slots are never reused)   |
+| kvq:slots:next                 | string | the last slot handed out, stored or pending (slots  |
+|                                |        | are never reused)                                   |
 | kvq:slots:cursor               | string | the sweep's SCAN cursor ('0' between passes)        |
-| kvq:slots:dead                 | set    | retired slots awaiting a sweep from the nodes       |
-| kvq:slots:sweeping             | set    | retired slots the current sweep pass removes        |
-| kvq:worker:<worker>:pending    | zset   | hashes marked pending on a worker, score = expiry   |
-|                                |        | (ms epoch): what a dead worker's purge must undo    |
+| kvq:slots:dead                 | set    | retired slots' fields (`<slot>`, `p<pending slot>`) |
+|                                |        | awaiting a sweep from the nodes                     |
+| kvq:slots:sweeping             | set    | retired slots' fields the current sweep pass removes|
 | kvq:worker:<worker>:routed     | zset   | approximate index: hashes routed to the worker,     |
 |                                |        | score = recency (ms since `kvq:routed:clock` epoch) |
 | kvq:routed                     | zset   | approximate index over all workers (`<w>|<hash>`),  |
@@ -89,12 +91,12 @@ def slots_sweeping(prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}slots:sweeping"
 
 
+def slots_pending(prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}slots:pending"
+
+
 def worker_info(worker: str, prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}worker:{worker}:info"
-
-
-def worker_pending(worker: str, prefix: str = DEFAULT_PREFIX) -> str:
-    return f"{prefix}worker:{worker}:pending"
 
 
 def worker_generation(worker: str, prefix: str = DEFAULT_PREFIX) -> str:
@@ -177,8 +179,9 @@ def run_engine(run_id: str, prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}run:{run_id}:engine"
 
 
-def pending_field(worker: str) -> str:
-    return f"p:{worker}"
+def pending_field(slot: str) -> str:
+    """A pending mark's field in a node: ``p`` and the worker's pending slot."""
+    return f"p{slot}"
 
 
 def queue_name(worker: str) -> str:

@@ -489,6 +489,42 @@ def test_writes_sweep_a_retired_slot_a_step_at_a_time_and_readers_never_see_it(
     assert index.match(chain) == {"worker-1": 400}
 
 
+def test_pending_marks_live_under_a_pending_slot_that_only_forgetting_retires(
+    redis_backend: Backend, make_hashes
+) -> None:
+    index, client, prefix = redis_backend.index, redis_backend.client, redis_backend.prefix
+    assert isinstance(index, RedisIndex) and client is not None
+    chain = make_hashes("sys", "a", "b")
+    index.add("worker-1", chain[:1])
+    index.mark_pending("worker-0", chain, 10_000)
+    pending_slot = client.hget(keys.slots_pending(prefix), "worker-0")
+    field = keys.pending_field(pending_slot.decode()).encode()
+    node_start = keys.node_prefix(prefix)
+
+    assert set(client.hkeys(keys.node(chain[2], prefix))) == {field}
+    others = {k for k in client.scan_iter(match=f"{prefix}*") if not k.startswith(node_start)}
+    assert {k.decode() for k in others} <= {
+        keys.slots(prefix),
+        keys.slots_pending(prefix),
+        keys.slot_blocks(prefix),
+        keys.slots_next(prefix),
+    }  # no per-worker record of the marks
+    index.clear("worker-0")
+    assert client.hget(keys.slots_pending(prefix), "worker-0") == pending_slot
+
+    index.forget("worker-0")
+
+    assert index.match(chain) == {"worker-1": 1}  # hidden at once, before any sweep
+    assert client.hget(keys.slots_pending(prefix), "worker-0") is None
+    assert index.sweep()
+    assert not client.exists(keys.node(chain[1], prefix), keys.node(chain[2], prefix))
+    slot_1 = client.hget(keys.slots(prefix), "worker-1")
+    assert client.hgetall(keys.node(chain[0], prefix)) == {slot_1: b"1"}
+    index.mark_pending("worker-0", chain, 10_000)  # e.g. registered again, then routed to
+    assert client.hget(keys.slots_pending(prefix), "worker-0") not in (None, pending_slot)
+    assert index.match(chain) == {"worker-0": 3, "worker-1": 1}
+
+
 def test_a_node_only_marked_pending_expires_with_its_last_mark(
     redis_backend: Backend, make_hashes
 ) -> None:

@@ -53,6 +53,24 @@ def test_a_retired_slot_is_reported_apart_until_the_sweep_removes_it(make_hashes
     assert read_slots(client, "kvq:").retired == frozenset()
 
 
+def test_a_forgotten_workers_pending_marks_are_reported_apart_until_the_sweep(make_hashes) -> None:
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    index = RedisIndex(client, "kvq:")
+    chain = make_hashes("sys", "a")
+    index.add("worker-0", chain)
+    index.mark_pending("worker-1", chain, PENDING_TTL_MS)
+    field = keys.pending_field(client.hget(keys.slots_pending("kvq:"), "worker-1").decode())
+    client.sadd(keys.slots_dead("kvq:"), field)  # retired, as `forget` does, before a sweep
+    client.hdel(keys.slots_pending("kvq:"), "worker-1")
+
+    before = read_tree(client, "kvq:")
+    assert read_slots(client, "kvq:").retired == {field}
+    assert all(n.pending == {} and n.retired_slots == (field,) for n in before)
+
+    assert index.sweep()
+    assert all(n.retired_slots == () for n in read_tree(client, "kvq:"))
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [("zz", "'zz' is not hex"), ("ab" * 16, "has 16 bytes; a block hash has 32")],

@@ -20,8 +20,8 @@ PREFIXED_KEYS = [
     (keys.slots_cursor, (), "kvq:slots:cursor"),
     (keys.slots_dead, (), "kvq:slots:dead"),
     (keys.slots_sweeping, (), "kvq:slots:sweeping"),
+    (keys.slots_pending, (), "kvq:slots:pending"),
     (keys.worker_info, ("worker-0",), "kvq:worker:worker-0:info"),
-    (keys.worker_pending, ("worker-0",), "kvq:worker:worker-0:pending"),
     (keys.worker_generation, ("worker-0",), "kvq:worker:worker-0:generation"),
     (keys.worker_jobs, ("worker-0",), "kvq:worker:worker-0:jobs"),
     (keys.worker_routed, ("worker-0",), "kvq:worker:worker-0:routed"),
@@ -46,7 +46,7 @@ PREFIXED_KEYS = [
 
 # Names that are not keys of their own: hash fields and RQ queue names.
 UNPREFIXED = [
-    (keys.pending_field, ("worker-0",), "p:worker-0"),
+    (keys.pending_field, ("7",), "p7"),
     (keys.queue_name, ("worker-3",), "worker-3"),
     (keys.worker_name, (12,), "worker-12"),
 ]

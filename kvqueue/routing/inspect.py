@@ -2,8 +2,9 @@
 
 The tree's keys are binary and its fields are slot numbers (`kvqueue.routing.redis_index`);
 this module turns them back into hex hashes and worker names. Read-only: it changes nothing,
-and a node's stored holders are the workers whose *current* slot it carries (a retired slot's
-fields, not yet swept, are reported apart, as readers ignore them).
+and a node's stored holders (pending marks) are the workers whose *current* slot (pending
+slot) it carries; a retired slot's fields, not yet swept, are reported apart, as readers
+ignore them.
 """
 
 from __future__ import annotations
@@ -21,16 +22,25 @@ from kvqueue.routing.scripts import HASH_BYTES
 
 @dataclass(frozen=True, slots=True)
 class Slots:
-    """The slots decoded: each worker's current slot and how many blocks it stores."""
+    """The slots decoded: each worker's current slot and how many blocks it stores, and its
+    current pending slot."""
 
     worker_to_slot: dict[str, str]
     slot_to_blocks: dict[str, int]
-    retired: frozenset[str]  # awaiting a sweep (dead or sweeping)
+    retired: frozenset[str]  # fields awaiting a sweep (dead or sweeping): `<slot>`, `p<slot>`
     next_slot: int
+    worker_to_pending_slot: dict[str, str] = field(default_factory=dict)
 
     def owner(self, slot: str) -> str | None:
         for worker, current in self.worker_to_slot.items():
             if current == slot:
+                return worker
+        return None
+
+    def pending_owner(self, name: str) -> str | None:
+        """The worker whose current pending slot a node field (``p<slot>``) names."""
+        for worker, current in self.worker_to_pending_slot.items():
+            if keys.pending_field(current) == name:
                 return worker
         return None
 
@@ -42,7 +52,7 @@ class NodeView:
     block_hash: BlockHash
     stored_by: tuple[str, ...]
     pending: dict[str, int]
-    retired_slots: tuple[str, ...]  # fields of retired slots still in the node
+    retired_slots: tuple[str, ...]  # fields of retired slots (`<slot>`, `p<slot>`) still in it
     ttl_ms: int  # -1: no expiry (some worker stores it); -2: no such node
     memory_bytes: int | None  # MEMORY USAGE
 
@@ -83,12 +93,14 @@ def read_slots(client: redis.Redis, prefix: str = keys.DEFAULT_PREFIX) -> Slots:
     pipe.hgetall(keys.slot_blocks(prefix))
     pipe.get(keys.slots_next(prefix))
     pipe.sunion(keys.slots_dead(prefix), keys.slots_sweeping(prefix))
-    workers, blocks, next_slot, retired = pipe.execute()
+    pipe.hgetall(keys.slots_pending(prefix))
+    workers, blocks, next_slot, retired, pending = pipe.execute()
     return Slots(
         {_text(k): _text(v) for k, v in workers.items()},
         {_text(k): int(v) for k, v in blocks.items()},
         frozenset(_text(s) for s in retired),
         int(next_slot or 0),
+        {_text(k): _text(v) for k, v in pending.items()},
     )
 
 
@@ -97,8 +109,11 @@ def decode_node(
 ) -> NodeView:
     stored, pending, retired = [], {}, []
     for name, value in ((_text(k), _text(v)) for k, v in fields.items()):
-        if name.startswith("p:"):
-            pending[name[2:]] = int(value)
+        if name.startswith("p"):
+            if (worker := slots.pending_owner(name)) is not None:
+                pending[worker] = int(value)
+            else:
+                retired.append(name)
         elif (worker := slots.owner(name)) is not None:
             stored.append(worker)
         else:

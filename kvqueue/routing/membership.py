@@ -174,7 +174,7 @@ class RedisMembership:
                 keys.worker_generation(worker, p),
                 keys.worker_jobs(worker, p),
                 keys.slots(p),
-                keys.worker_pending(worker, p),
+                keys.slots_pending(p),
                 keys.load(p),
                 keys.load_tokens(p),
                 keys.load_work(p),

@@ -1,23 +1,26 @@
 """The prefix index in Redis: one small hash per block, one short field per holder.
 
 A node is ``<prefix>n:<the block's 32 raw hash bytes>``; its fields are the *slots* of the
-workers that cache the block (a decimal number each, value ``1``) and ``p:<worker>`` = expiry
-(server ms) of a pending mark. No parent and no hex: a reader needs neither, and the node of a
-block held by a few workers stays a listpack of a few bytes per holder. A node with no slot
-field is deleted, or expires (a Redis key TTL) with its last pending mark, so requests that are
-routed but never stored leave nothing behind.
+workers that cache the block (a decimal number each, value ``1``) and ``p<pending slot>`` =
+expiry (server ms) of a worker's pending mark. No parent and no hex: a reader needs neither,
+and the node of a block held by a few workers stays a listpack of a few bytes per holder. A
+node with no slot field is deleted, or expires (a Redis key TTL) with its last pending mark,
+so requests that are routed but never stored leave nothing behind.
 
 Slots: ``<prefix>slots`` (worker -> its current slot), ``<prefix>slots:blocks`` (slot ->
 blocks stored under it), ``<prefix>slots:next`` (the last slot handed out: slots are never
 reused), ``<prefix>slots:cursor`` (where the sweep is). A worker gets a slot at its first
-stored block. `clear` and `forget` *retire* the slot: everything stored under it leaves the
-tree for every reader in the same script (readers only look up current slots), and the worker's
-next stored block takes a new slot. The retired slot's fields are swept from the nodes later
-(`<prefix>slots:dead`, then `slots:sweeping` during a pass): every write script runs a sweep
-step of up to `scripts.SWEEP_KEYS` keys while a retired slot awaits one, and `sweep` finishes
-the pass on demand. So a worker needs no list of its blocks to be cleared, and a dead one is
-purged at once for routing. Each worker still has a sorted set of its pending marks
-(`kvq:worker:<w>:pending`) so `forget` can undo those: marks are few and short-lived.
+stored block, and a *pending slot* (``<prefix>slots:pending``: worker -> slot, from the same
+counter) at its first pending mark. `clear` and `forget` *retire* the slot, `forget` the
+pending slot too: everything stored (or marked pending) under it leaves the tree for every
+reader in the same script (readers only look up current slots), and the worker's next stored
+block (or mark) takes a new slot. `clear` keeps the pending slot: requests already routed to
+the worker still come. A retired slot's fields are swept from the nodes later
+(`<prefix>slots:dead`, then `slots:sweeping` during a pass, holding the field names ``<slot>``
+and ``p<slot>``): every write script runs a sweep step of up to `scripts.SWEEP_KEYS` keys
+while a retired slot awaits one, and `sweep` finishes the pass on demand. So a worker needs no
+list of its blocks or its pending marks to be cleared or forgotten, and a dead one is purged
+at once for routing.
 
 Writes accept an optional pipeline so that a worker can append its events to the event stream
 and update the tree in one MULTI/EXEC. `kvqueue.routing.inspect` decodes it all for a human.
@@ -106,9 +109,10 @@ class RedisIndex:
         )
 
     def forget(self, worker: str, pipeline: Any = None) -> None:
-        """`worker` is gone: its cached blocks and its pending marks leave the tree."""
+        """`worker` is gone: its cached blocks and its pending marks leave the tree (its slot
+        and its pending slot retire)."""
         self._forget(
-            keys=[keys.worker_pending(worker, self.prefix)],
+            keys=[],
             args=[self.prefix, worker],
             client=pipeline or self.client,
         )
@@ -119,7 +123,7 @@ class RedisIndex:
         if not block_hashes:
             return
         self._mark_pending(
-            keys=[keys.worker_pending(worker, self.prefix)],
+            keys=[],
             args=[self.prefix, worker, int(ttl_ms), _chain_arg(block_hashes)],
             client=pipeline or self.client,
         )

@@ -2,11 +2,13 @@
 
 The tree's layout (`kvqueue.routing.redis_index` has the whole picture): a node per block,
 ``<prefix>n:<32 raw hash bytes>``, a hash whose fields are the *slots* of the workers that
-cache the block (a decimal number each, value ``1``) and ``p:<worker>`` = expiry of a pending
-mark. A worker's slot lives in ``<prefix>slots`` (worker -> slot), the blocks stored under a
-slot in ``<prefix>slots:blocks`` (slot -> count). Clearing or forgetting a worker
-retires its slot: the fields under it are invisible to every reader at once and are swept
-from the nodes a few hundred keys at a time (`sweep_step`) by the next writes.
+cache the block (a decimal number each, value ``1``) and ``p<pending slot>`` = expiry of a
+pending mark. A worker's slot lives in ``<prefix>slots`` (worker -> slot), the blocks stored
+under a slot in ``<prefix>slots:blocks`` (slot -> count), its pending slot in
+``<prefix>slots:pending`` (worker -> slot). Clearing or forgetting a worker retires its slot,
+forgetting it retires its pending slot too: the fields under a retired slot are invisible to
+every reader at once and are swept from the nodes a few hundred keys at a time (`sweep_step`)
+by the next writes.
 
 Requests' hashes travel as one argument, the raw 32-byte hashes concatenated. Times are Redis
 server time in milliseconds, so producers and workers on different machines agree on
@@ -28,6 +30,7 @@ _LAYOUT = """
 local slots_key, blocks_key = prefix .. 'slots', prefix .. 'slots:blocks'
 local next_key, cursor_key = prefix .. 'slots:next', prefix .. 'slots:cursor'
 local dead_key, sweeping_key = prefix .. 'slots:dead', prefix .. 'slots:sweeping'
+local pending_slots_key = prefix .. 'slots:pending'
 local function node_key(h) return prefix .. 'n:' .. h end
 local function chain_hash(chain, pos) return string.sub(chain, pos * 32 - 31, pos * 32) end
 local function slot_of(worker) return redis.call('HGET', slots_key, worker) end
@@ -39,7 +42,20 @@ local function slot_for(worker)
   redis.call('HSET', blocks_key, slot, 0)
   return slot
 end
-local function is_pending_field(f) return string.sub(f, 1, 2) == 'p:' end
+-- A pending slot is drawn from the same counter; its field in a node is 'p' .. slot, and the
+-- retired-slot sets hold that field name, so one sweep removes stored and pending fields alike.
+local function pending_field_of(worker)
+  local slot = redis.call('HGET', pending_slots_key, worker)
+  return slot and ('p' .. slot) or nil
+end
+local function pending_field_for(worker)
+  local field = pending_field_of(worker)
+  if field then return field end
+  local slot = tostring(redis.call('INCR', next_key))
+  redis.call('HSET', pending_slots_key, worker, slot)
+  return 'p' .. slot
+end
+local function is_pending_field(f) return string.byte(f, 1) == 112 end  -- 'p'
 """
 
 _DROP_IF_ORPHAN = """
@@ -77,7 +93,7 @@ local function sweep_step(now)
   for _, node in ipairs(reply[2]) do
     local swept = false
     for _, f in ipairs(redis.call('HKEYS', node)) do
-      if not is_pending_field(f) and redis.call('SISMEMBER', sweeping_key, f) == 1 then
+      if redis.call('SISMEMBER', sweeping_key, f) == 1 then
         redis.call('HDEL', node, f)
         swept = true
       end
@@ -108,12 +124,12 @@ local prefix, worker, chain = ARGV[1], ARGV[2], ARGV[3]
 """
     + _TREE
     + """
-local slot, pending = slot_for(worker), 'p:' .. ARGV[2]
+local slot, pending = slot_for(worker), pending_field_of(worker)
 local added = 0
 for pos = 1, math.floor(#chain / 32) do
   local node = node_key(chain_hash(chain, pos))
   added = added + redis.call('HSET', node, slot, 1)
-  redis.call('HDEL', node, pending)
+  if pending then redis.call('HDEL', node, pending) end
   redis.call('PERSIST', node)
 end
 if added > 0 then redis.call('HINCRBY', blocks_key, slot, added) end
@@ -153,23 +169,24 @@ _WORKER_EXIT = """
 -- clear_worker(worker, now): retire the worker's slot (its cached blocks leave the tree for
 -- every reader at once; the sweep removes the fields); returns how many blocks it held.
 local function clear_worker(worker, now)
-  local slot = slot_of(worker)
-  if not slot then return 0 end
-  local held = tonumber(redis.call('HGET', blocks_key, slot)) or 0
-  redis.call('HDEL', slots_key, worker)
-  redis.call('HDEL', blocks_key, slot)
-  redis.call('SADD', dead_key, slot)
+  local slot, held = slot_of(worker), 0
+  if slot then
+    held = tonumber(redis.call('HGET', blocks_key, slot)) or 0
+    redis.call('HDEL', slots_key, worker)
+    redis.call('HDEL', blocks_key, slot)
+    redis.call('SADD', dead_key, slot)
+  end
   sweep_step(now)
   return held
 end
--- forget_pending(worker, pending_key, now): drop every pending mark of the worker.
-local function forget_pending(worker, pending_key, now)
-  local field = 'p:' .. worker
-  for _, h in ipairs(redis.call('ZRANGE', pending_key, 0, -1)) do
-    local node = node_key(h)
-    if redis.call('HDEL', node, field) == 1 then drop_if_orphan(node, now) end
-  end
-  redis.call('DEL', pending_key)
+-- forget_pending(worker): retire the worker's pending slot: every pending mark of the worker
+-- is invisible to every reader at once; the sweep removes the fields (call it before
+-- `clear_worker`, whose sweep step then counts it). A later mark takes a new pending slot.
+local function forget_pending(worker)
+  local field = pending_field_of(worker)
+  if not field then return end
+  redis.call('HDEL', pending_slots_key, worker)
+  redis.call('SADD', dead_key, field)
 end
 """
 
@@ -192,16 +209,14 @@ return clear_worker(ARGV[2], now)
 
 FORGET = (
     """
--- A worker that is gone: its cached blocks and its pending marks leave the tree.
--- KEYS[1] = its pending marks (kvq:worker:<w>:pending)
--- ARGV[1] = key prefix, ARGV[2] = worker
+-- A worker that is gone: its cached blocks and its pending marks leave the tree (both its
+-- slots retire). ARGV[1] = key prefix, ARGV[2] = worker
 local prefix = ARGV[1]
 """
     + WORKER_TREE_FUNCTIONS
     + """
-local held = clear_worker(ARGV[2], now)
-forget_pending(ARGV[2], KEYS[1], now)
-return held
+forget_pending(ARGV[2])
+return clear_worker(ARGV[2], now)
 """
 )
 
@@ -224,8 +239,8 @@ return redis.call('EXISTS', dead_key, sweeping_key) == 0 and 1 or 0
 
 MARK_PENDING = (
     """
--- KEYS[1] = the worker's pending marks (kvq:worker:<w>:pending: hash -> expiry), so that a
---           dead worker's marks can be found and purged; expired entries are trimmed here
+-- Each block's node gets the field of the worker's pending slot (a new one if it has none),
+-- value = expiry (server ms). Returns the expiry.
 -- ARGV[1] = key prefix, ARGV[2] = worker, ARGV[3] = TTL in ms,
 -- ARGV[4] = block hashes, raw, concatenated
 """
@@ -236,31 +251,29 @@ local prefix, worker, chain = ARGV[1], ARGV[2], ARGV[4]
     + _TREE
     + """
 local expires = now + tonumber(ARGV[3])
-local field = 'p:' .. worker
+local field = pending_field_for(worker)
 for pos = 1, math.floor(#chain / 32) do
-  local h = chain_hash(chain, pos)
-  local node = node_key(h)
+  local node = node_key(chain_hash(chain, pos))
   redis.call('HSET', node, field, expires)
-  redis.call('ZADD', KEYS[1], expires, h)
   drop_if_orphan(node, now)
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('PEXPIREAT', KEYS[1], expires)
 return expires
 """
 )
 
 _LEADING_RUN = """
 -- leading_run(worker): how many of the request's n blocks the worker holds (stored under its
--- slot, or pending and not expired), found by binary search: caches are prefix-closed, so
--- "holds block i" is monotone along the chain; each probe is one HMGET. The same positions
--- as `InMemoryIndex.match` probes. Needs `chain`, `n` and `now` in scope.
+-- slot, or pending under its pending slot and not expired), found by binary search: caches
+-- are prefix-closed, so "holds block i" is monotone along the chain; each probe is one HMGET.
+-- The same positions as `InMemoryIndex.match` probes. Needs `chain`, `n` and `now` in scope.
 local function holds(pos, slot, pending)
   local node = node_key(chain_hash(chain, pos))
   local stored, expires
-  if slot then
+  if slot and pending then
     local v = redis.call('HMGET', node, slot, pending)
     stored, expires = v[1], v[2]
+  elseif slot then
+    stored = redis.call('HGET', node, slot)
   else
     expires = redis.call('HGET', node, pending)
   end
@@ -268,8 +281,8 @@ local function holds(pos, slot, pending)
   return expires ~= false and expires ~= nil and tonumber(expires) > now
 end
 local function leading_run(worker)
-  local slot, pending = slot_of(worker), 'p:' .. worker
-  if n == 0 or not holds(1, slot, pending) then return 0 end
+  local slot, pending = slot_of(worker), pending_field_of(worker)
+  if n == 0 or not (slot or pending) or not holds(1, slot, pending) then return 0 end
   local lo, hi = 1, n
   while lo < hi do
     local mid = math.floor((lo + hi + 1) / 2)
@@ -280,7 +293,8 @@ end
 """
 
 _JOINT_SEARCH = """
--- joint_matches(slots, pendings): every worker's match at once. Worker i's match lies in
+-- joint_matches(slots, pendings): every worker's match at once (slots[i] and pendings[i]: worker
+-- i's slot and pending-slot field, false if it has none). Worker i's match lies in
 -- [lo[i], hi[i]]: it holds blocks 1..lo[i] and none past hi[i]. One HGETALL of the node at a
 -- position p answers "holds p?" for every worker, so each probe narrows every interval that
 -- contains p. Block 1 first (resolving every worker that lacks it, as a per-worker search
@@ -296,7 +310,7 @@ local function joint_matches(slots, pendings)
   local owner, open = {}, {}  -- field -> worker index (its slot, its pending field); open ones
   for i = 1, num do
     if slots[i] then owner[slots[i]] = i end
-    owner[pendings[i]] = i
+    if pendings[i] then owner[pendings[i]] = i end
     open[i] = i
   end
   local node_start, pos, seen_at = prefix .. 'n:', 1, {}
@@ -457,15 +471,17 @@ if ARGV[3] == '1' then ticket = redis.call('INCR', KEYS[2]) end
 local matches, sizes = {}, {}
 if ARGV[5] == '' then
   -- Whole small hashes, not HMGET: a listpack answers each HMGET field by a scan.
-  local slot_of_worker, blocks_of_slot = {}, {}
+  local slot_of_worker, blocks_of_slot, pending_of_worker = {}, {}, {}
   local flat = redis.call('HGETALL', slots_key)
   for k = 1, #flat, 2 do slot_of_worker[flat[k]] = flat[k + 1] end
   flat = redis.call('HGETALL', blocks_key)
   for k = 1, #flat, 2 do blocks_of_slot[flat[k]] = flat[k + 1] end
+  flat = redis.call('HGETALL', pending_slots_key)
+  for k = 1, #flat, 2 do pending_of_worker[flat[k]] = 'p' .. flat[k + 1] end
   local slots, pendings = {}, {}
   for i, worker in ipairs(live) do
     slots[i] = slot_of_worker[worker] or false
-    pendings[i] = 'p:' .. worker
+    pendings[i] = pending_of_worker[worker] or false
     sizes[i] = tonumber(blocks_of_slot[slots[i]]) or 0
   end
   matches = joint_matches(slots, pendings)
@@ -517,8 +533,8 @@ return out
 MATCH = (
     """
 -- `PrefixIndex.match` of the Redis backend: the match of every worker that holds the request's
--- first block (stored under its current slot, or pending and not expired), whether or not it
--- is registered as live.
+-- first block (stored under its current slot, or pending under its current pending slot and
+-- not expired), whether or not it is registered as live.
 -- ARGV[1] = key prefix
 -- ARGV[2] = the request's block hashes in chain order, raw, concatenated ('' for none)
 -- Returns {workers, their match lengths}, workers with a match of 0 left out.
@@ -531,17 +547,14 @@ local n = math.floor(#chain / 32)
     + _TREE
     + _LEADING_RUN
     + """
-local workers, matches, seen, owner = {}, {}, {}, {}
+local workers, matches, seen, owner = {}, {}, {}, {}  -- owner: field -> worker
 local flat = redis.call('HGETALL', slots_key)
 for k = 1, #flat, 2 do owner[flat[k + 1]] = flat[k] end
+flat = redis.call('HGETALL', pending_slots_key)
+for k = 1, #flat, 2 do owner['p' .. flat[k + 1]] = flat[k] end
 if n > 0 then
   for _, field in ipairs(redis.call('HKEYS', node_key(chain_hash(chain, 1)))) do
-    local worker
-    if is_pending_field(field) then
-      worker = string.sub(field, 3)
-    else
-      worker = owner[field]
-    end
+    local worker = owner[field]
     if worker and not seen[worker] then
       seen[worker] = true
       local length = leading_run(worker)

@@ -198,7 +198,7 @@ REAP = (
 -- and pending marks) and the approximate index (what was routed to it), zero its load, and
 -- hand over its outstanding jobs.
 -- KEYS[1] = live workers, KEYS[2] = the worker's generation, KEYS[3] = its jobs hash,
--- KEYS[4] = the tree's slots (kvq:slots), KEYS[5] = its pending marks,
+-- KEYS[4] = the tree's slots (kvq:slots), KEYS[5] = its pending slots (kvq:slots:pending),
 -- KEYS[6..9] = load, load:tokens, load:work, load:since, KEYS[10] = usage,
 -- KEYS[11] = its routed blocks (approximate index), KEYS[12] = engine signals
 -- ARGV[1] = key prefix, ARGV[2] = worker, ARGV[3] = heartbeat TTL in ms,
@@ -219,8 +219,8 @@ end
 redis.call('ZREM', KEYS[1], worker)
 local jobs = redis.call('HGETALL', KEYS[3])
 redis.call('DEL', KEYS[3])
+forget_pending(worker)
 clear_worker(worker, now)
-forget_pending(worker, KEYS[5], now)
 for _, k in ipairs({6, 7, 8, 9, 10, 12}) do redis.call('HDEL', KEYS[k], worker) end
 redis.call('DEL', KEYS[11])
 return {gen, jobs}
