@@ -66,7 +66,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
 import redis
-from bench_args import parse_args
+from bench_args import parse_args, positive_ints
 from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -375,13 +375,6 @@ def print_table(rows: Sequence[Row], baseline: Row) -> None:
         )
 
 
-def parse_workers(text: str) -> list[int]:
-    values = [int(v) for v in text.split(",") if v.strip()]
-    if not values or min(values) < 1:
-        raise ValueError(text)
-    return values
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-requests", type=int, default=400, help="requests per run")
@@ -403,10 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(parser, argv, QUICK)
     if args.num_requests <= 0:
         parser.error(f"--num-requests must be positive, got {args.num_requests}")
-    try:
-        worker_counts = parse_workers(args.workers)
-    except ValueError:
-        parser.error(f"--workers must be positive comma-separated integers, got {args.workers!r}")
+    worker_counts = positive_ints(parser, "workers", args.workers)
     if args.memory_workers < 1:
         parser.error(f"--memory-workers must be positive, got {args.memory_workers}")
     if args.scale < 0 or args.scaled_workers < 0:

@@ -43,7 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
 import redis
-from bench_args import parse_args
+from bench_args import parse_args, positive_ints
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
@@ -192,13 +192,6 @@ def print_heaviest(cost: Cost) -> None:
     print(f"heaviest commands per request, pipeline W={cost.num_workers}: " + "; ".join(parts))
 
 
-def parse_workers(text: str) -> list[int]:
-    values = [int(v) for v in text.split(",") if v.strip()]
-    if not values or min(values) < 1:
-        raise ValueError(text)
-    return values
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-requests", type=int, default=400, help="requests per phase")
@@ -216,10 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(parser, argv, QUICK)
     if args.num_requests <= 0:
         parser.error(f"--num-requests must be positive, got {args.num_requests}")
-    try:
-        worker_counts = parse_workers(args.workers)
-    except ValueError:
-        parser.error(f"--workers must be positive comma-separated integers, got {args.workers!r}")
+    worker_counts = positive_ints(parser, "workers", args.workers)
     if args.workload not in WORKLOADS:
         parser.error(f"unknown workload {args.workload!r}; valid: {', '.join(sorted(WORKLOADS))}")
     logging.basicConfig(level=logging.WARNING)

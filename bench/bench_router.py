@@ -71,7 +71,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
 import redis
-from bench_args import parse_args
+from bench_args import parse_args, positive_ints
 
 from kvqueue import keys
 from kvqueue.gpu.hashing import BLOCK_SIZE, BlockHash, to_hex
@@ -723,16 +723,6 @@ def plot(points: list[Point], path: Path, title: str) -> None:
 
 
 # -- the command ---------------------------------------------------------------------------------
-def int_list(parser: argparse.ArgumentParser, name: str, text: str) -> list[int]:
-    try:
-        values = [int(b) for b in text.split(",") if b.strip()]
-    except ValueError:
-        parser.error(f"--{name} must be comma-separated integers, got {text!r}")
-    if not values or min(values) < 1:
-        parser.error(f"--{name} needs positive integers, got {text!r}")
-    return values
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=100_000, help="prefix-tree nodes to load")
@@ -760,9 +750,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("nodes", "workers", "repeats", "growth_blocks", "growth_repeats"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    lengths = int_list(parser, "blocks", args.blocks)
-    growth_nodes = int_list(parser, "growth-nodes", args.growth_nodes)
-    growth_workers = int_list(parser, "growth-workers", args.growth_workers)
+    lengths = positive_ints(parser, "blocks", args.blocks)
+    growth_nodes = positive_ints(parser, "growth-nodes", args.growth_nodes)
+    growth_workers = positive_ints(parser, "growth-workers", args.growth_workers)
 
     rng = random.Random(args.seed)
     client = connect(args.redis_url)
